@@ -1,0 +1,38 @@
+# Millrace's entry points. The README names two: `make demo` and `make test`.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+# Cargo builds go to a stable directory outside the work tree, so CI's fresh clone reuses
+# the previous build instead of compiling every dependency again.
+MILLRACE_CACHE ?= $(HOME)/.cache/millrace
+export CARGO_TARGET_DIR ?= $(MILLRACE_CACHE)/target
+
+.PHONY: help setup demo test lint fmt cluster-up cluster-down
+
+help:
+	@echo "make demo    bring up the local control plane and show Millrace on it"
+	@echo "make test    install what is missing, lint, and run every test on the local control plane"
+	@echo "make lint    rustfmt and clippy only"
+	@echo "make fmt     format the code"
+
+setup:
+	scripts/setup.sh
+
+demo:
+	scripts/demo.sh
+
+test:
+	scripts/test.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+cluster-up: setup
+	e2e/cluster up
+
+cluster-down:
+	e2e/cluster down

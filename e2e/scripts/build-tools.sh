@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the local control plane's binaries (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok, helm) from the pinned Go modules under e2e/go/, and caches
+# them by version outside the work tree so a second run costs nothing.
+#
+# Each tool family is its own Go module so that their dependency versions never pull on each
+# other (helm and kwok track newer k8s.io libraries than the control plane we pin).
+#
+# usage: e2e/scripts/build-tools.sh        prints the bin directory on stdout when done
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=e2e/scripts/versions.sh
+source "$here/scripts/versions.sh"
+
+log() { printf '[build-tools] %s\n' "$*" >&2; }
+
+# build MODULE_DIR OUT_DIR LDFLAGS PKG...  (each PKG is a main package; binary = last path part)
+build() {
+  local moddir=$1 out=$2 ldflags=$3; shift 3
+  local pkg name missing=()
+  for pkg in "$@"; do
+    name=${pkg##*/}
+    # etcd's main package is the module root of go.etcd.io/etcd/server/v3.
+    [ "$name" = v3 ] && name=etcd
+    [ -x "$out/$name" ] || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  mkdir -p "$out"
+  for pkg in "${missing[@]}"; do
+    name=${pkg##*/}; [ "$name" = v3 ] && name=etcd
+    log "building $name into $out (a cold build takes minutes)"
+    ( cd "$moddir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w $ldflags" -o "$out/$name.tmp" "$pkg" )
+    mv "$out/$name.tmp" "$out/$name"
+  done
+}
+
+k8s_ldflags() {
+  local v=$KUBERNETES_VERSION major minor
+  major=${v#v}; major=${major%%.*}
+  minor=${v#v"$major".}; minor=${minor%%.*}
+  local f=""
+  for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+    f+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    f+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$f"
+}
+
+build "$here/go/kubernetes" "$KUBERNETES_BIN" "$(k8s_ldflags)" \
+  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+build "$here/go/etcd" "$ETCD_BIN" "" go.etcd.io/etcd/server/v3
+build "$here/go/kwok" "$KWOK_BIN" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
+  sigs.k8s.io/kwok/cmd/kwok
+build "$here/go/helm" "$HELM_BIN" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+  helm.sh/helm/v3/cmd/helm
+
+# One directory of symlinks so PATH needs a single entry.
+mkdir -p "$TOOLS_BIN"
+for f in "$KUBERNETES_BIN"/* "$ETCD_BIN"/* "$KWOK_BIN"/* "$HELM_BIN"/*; do
+  ln -sfn "$f" "$TOOLS_BIN/$(basename "$f")"
+done
+echo "$TOOLS_BIN"

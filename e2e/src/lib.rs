@@ -1,0 +1,204 @@
+//! Support for tests that run against the local control plane started by `e2e/cluster up`.
+//!
+//! Every test gets its own namespace ([`with_temp_ns`]) and waits on watches with a timeout
+//! ([`wait_for`]) instead of sleeping, so tests run in parallel and fail with a message that
+//! says what never happened.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config, Resource};
+use serde_json::Value;
+
+/// How long a test waits for the cluster to reach a state before it fails.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Label put on every namespace a test creates, so leftovers are easy to find and delete.
+pub const TEST_NAMESPACE_LABEL: &str = "millrace.dev/e2e";
+
+/// What can go wrong while talking to the local control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum E2eError {
+    /// KUBECONFIG is unset: refuse to guess, a test must never touch a real cluster.
+    #[error(
+        "KUBECONFIG is not set; start the local control plane with `e2e/cluster up` and \
+         `eval \"$(e2e/cluster env)\"`, or run `make test`"
+    )]
+    NoKubeconfig,
+    /// The kubeconfig could not be read or used.
+    #[error("cannot use the kubeconfig at {path}: {source}")]
+    Kubeconfig {
+        /// The path from KUBECONFIG.
+        path: String,
+        /// What the loader said.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// The kubeconfig points somewhere other than loopback.
+    #[error(
+        "refusing to run tests against {server}: the e2e suite only talks to a loopback API server"
+    )]
+    NotLocal {
+        /// The API server URL found in the kubeconfig.
+        server: String,
+    },
+    /// An API call failed.
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// A watch failed.
+    #[error("watch failed: {0}")]
+    Watch(#[from] watcher::Error),
+    /// The awaited state never came.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// A description of the awaited state.
+        what: String,
+        /// How long the test waited.
+        timeout: Duration,
+    },
+    /// A watch ended before the awaited state came.
+    #[error("the watch ended before {what}")]
+    WatchEnded {
+        /// A description of the awaited state.
+        what: String,
+    },
+}
+
+/// Reads the kubeconfig named by KUBECONFIG, checking it points at a loopback API server.
+pub async fn local_config() -> Result<Config, E2eError> {
+    let path = std::env::var("KUBECONFIG").map_err(|_| E2eError::NoKubeconfig)?;
+    let kubeconfig = Kubeconfig::read_from(&path).map_err(|source| E2eError::Kubeconfig {
+        path: path.clone(),
+        source,
+    })?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|source| E2eError::Kubeconfig { path, source })?;
+    let host = config.cluster_url.host().unwrap_or_default();
+    if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+        return Err(E2eError::NotLocal {
+            server: config.cluster_url.to_string(),
+        });
+    }
+    Ok(config)
+}
+
+/// A client for the local control plane, as the cluster administrator.
+pub async fn client() -> Result<Client, E2eError> {
+    Ok(Client::try_from(local_config().await?)?)
+}
+
+/// Runs `test` in a fresh namespace named `PREFIX-xxxxx`, then deletes the namespace, also
+/// when the test panics (the panic is then resumed so the test still fails).
+pub async fn with_temp_ns<F, Fut>(prefix: &str, test: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let client = client()
+        .await
+        .expect("a client for the local control plane");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{prefix}-")),
+            labels: Some([(TEST_NAMESPACE_LABEL.to_string(), "true".to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    let created = namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create the test namespace");
+    let name = created
+        .metadata
+        .name
+        .expect("the API server names the namespace");
+
+    // Pods are refused until the namespace's default ServiceAccount exists.
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+    wait_named(&accounts, "default", "the default ServiceAccount", |_| true)
+        .await
+        .expect("the controller manager creates the default ServiceAccount");
+
+    let outcome = AssertUnwindSafe(test(client, name.clone()))
+        .catch_unwind()
+        .await;
+    if let Err(error) = namespaces.delete(&name, &DeleteParams::background()).await {
+        eprintln!("could not delete test namespace {name}: {error}");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Waits until an object selected by `config` satisfies `condition`, and returns it.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    config: watcher::Config,
+    what: &str,
+    condition: impl Fn(&K) -> bool,
+) -> Result<K, E2eError>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut matching = std::pin::pin!(
+        watcher(api.clone(), config)
+            .applied_objects()
+            .try_filter(|object| futures::future::ready(condition(object)))
+    );
+    match tokio::time::timeout(DEFAULT_TIMEOUT, matching.next()).await {
+        Err(_) => Err(E2eError::Timeout {
+            what: what.to_string(),
+            timeout: DEFAULT_TIMEOUT,
+        }),
+        Ok(None) => Err(E2eError::WatchEnded {
+            what: what.to_string(),
+        }),
+        Ok(Some(result)) => Ok(result?),
+    }
+}
+
+/// Waits until the object called `name` satisfies `condition`, and returns it.
+pub async fn wait_named<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    condition: impl Fn(&K) -> bool,
+) -> Result<K, E2eError>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    wait_for(api, config, what, condition).await
+}
+
+/// Waits until no object called `name` exists.
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, what: &str) -> Result<(), E2eError>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let gone = kube::runtime::wait::await_condition(api.clone(), name, |object: Option<&K>| {
+        object.is_none()
+    });
+    match tokio::time::timeout(DEFAULT_TIMEOUT, gone).await {
+        Err(_) => Err(E2eError::Timeout {
+            what: what.to_string(),
+            timeout: DEFAULT_TIMEOUT,
+        }),
+        Ok(Err(kube::runtime::wait::Error::ProbeFailed(error))) => Err(E2eError::Watch(error)),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Builds a typed object from JSON, as manifests in tests read best that way.
+pub fn from_json<K: serde::de::DeserializeOwned>(value: Value) -> K {
+    serde_json::from_value(value).expect("test manifests are valid objects")
+}
