@@ -7,13 +7,14 @@ SHELL := bash
 MILLRACE_CACHE ?= $(HOME)/.cache/millrace
 export CARGO_TARGET_DIR ?= $(MILLRACE_CACHE)/target
 
-.PHONY: help setup demo test lint fmt cluster-up cluster-down
+.PHONY: help setup demo test lint fmt crds cluster-up cluster-down
 
 help:
 	@echo "make demo    bring up the local control plane and show Millrace on it"
 	@echo "make test    install what is missing, lint, and run every test on the local control plane"
 	@echo "make lint    rustfmt and clippy only"
 	@echo "make fmt     format the code"
+	@echo "make crds    regenerate crds/*.yaml from the API types"
 
 setup:
 	scripts/setup.sh
@@ -27,6 +28,10 @@ test:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo run --quiet -p millrace-crds --bin crdgen -- --check
+
+crds:
+	cargo run --quiet -p millrace-crds --bin crdgen
 
 fmt:
 	cargo fmt --all

@@ -17,6 +17,9 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "the committed CRD matches the code"
+cargo run --quiet --locked -p millrace-crds --bin crdgen -- --check
+
 step "build the tests"
 cargo test --workspace --locked --no-run
 

@@ -1,8 +1,15 @@
 //! The Millrace API, shared by the operator, the scorer and the end-to-end tests.
 //!
-//! One source of truth: the `InferenceDeployment` resource, the scorer's runtime config that
-//! the operator renders, and the Redis key and value encoding all live here, so no two
-//! binaries can disagree on them.
+//! One source of truth: the `InferenceDeployment` resource ([`spec`], [`status`]), the
+//! scorer's runtime config that the operator renders, and the Redis key and value encoding
+//! all live here, so no two binaries can disagree on them.
+
+pub mod crd;
+pub mod spec;
+pub mod status;
+
+pub use spec::{InferenceDeployment, InferenceDeploymentSpec};
+pub use status::InferenceDeploymentStatus;
 
 /// The API group of every Millrace resource.
 pub const API_GROUP: &str = "millrace.dev";

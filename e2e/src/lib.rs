@@ -202,3 +202,31 @@ where
 pub fn from_json<K: serde::de::DeserializeOwned>(value: Value) -> K {
     serde_json::from_value(value).expect("test manifests are valid objects")
 }
+
+/// Installs (server-side apply) the InferenceDeployment CRD generated from `millrace-crds`
+/// and waits until the API server serves it. Safe to call from tests running in parallel.
+pub async fn install_crd(client: &Client) -> Result<(), E2eError> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = millrace_crds::crd::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("millrace-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    wait_named(&crds, &name, "the CRD to be established", |crd| {
+        crd.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            })
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! `spec.autoscaling`: replicas driven by the cache-miss rate.
+
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Autoscaling of the scorers on cache misses per second.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("minReplicas must not exceed maxReplicas")
+    .field_path(".minReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// `operator`: the operator scales on the miss rate it reads from the scorers.
+    /// `hpa`: a HorizontalPodAutoscaler on an external miss-rate metric (needs a metrics
+    /// adapter). `disabled`: replicas stay at minReplicas, or are yours to set.
+    /// Default: operator.
+    #[serde(default)]
+    pub mode: AutoscalingMode,
+
+    /// Fewest scorer replicas (0 only with serving.topology: split). Default: 1.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+
+    /// Most scorer replicas. Default: 10.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Cache misses per second one replica absorbs. Default: 200.
+    #[serde(default = "default_target_misses")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub target_misses_per_replica: i32,
+
+    /// How often replicas are recomputed. Default: 15s.
+    #[serde(default = "default_sync_period")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('10m')").message("syncPeriod must be between 1s and 10m"))]
+    pub sync_period: String,
+
+    /// Scale-down waits for the highest recommendation within this window. Default: 5m.
+    #[serde(default = "default_stabilization")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('1h')").message("scaleDownStabilization must be at most 1h"))]
+    pub scale_down_stabilization: String,
+
+    /// Relative change below which replicas stay put, in percent (0-100). Default: 10.
+    #[serde(default = "default_tolerance_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub tolerance_percent: i32,
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            mode: AutoscalingMode::default(),
+            min_replicas: default_min_replicas(),
+            max_replicas: default_max_replicas(),
+            target_misses_per_replica: default_target_misses(),
+            sync_period: default_sync_period(),
+            scale_down_stabilization: default_stabilization(),
+            tolerance_percent: default_tolerance_percent(),
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_max_replicas() -> i32 {
+    10
+}
+
+fn default_target_misses() -> i32 {
+    200
+}
+
+fn default_sync_period() -> String {
+    "15s".to_string()
+}
+
+fn default_stabilization() -> String {
+    "5m".to_string()
+}
+
+fn default_tolerance_percent() -> i32 {
+    10
+}
+
+/// Who sets the scorer's replica count.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum AutoscalingMode {
+    /// The operator, on the cache-miss rate.
+    #[default]
+    Operator,
+    /// A HorizontalPodAutoscaler on an external metric.
+    Hpa,
+    /// Nobody: replicas are left to the user.
+    Disabled,
+}

@@ -1,0 +1,98 @@
+//! `spec.batch`: the scheduled precompute that scores every entity into Redis.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// A cron schedule: five fields, or one of the `@` macros CronJobs accept.
+pub const CRON_PATTERN: &str =
+    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
+
+/// The batch precompute, run as a CronJob of Indexed Jobs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSpec {
+    /// When to run, in cron syntax (`0 2 * * *`) or a macro (`@daily`).
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(
+            pattern = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
+        )
+    )]
+    pub schedule: String,
+
+    /// IANA time zone of the schedule. Default: UTC.
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: String,
+
+    /// Parallel shards; each scores a disjoint part of the offline table (1-1000). Changing
+    /// it applies from the next run. Default: 1.
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub shards: i32,
+
+    /// Rows per ONNX run and per Redis pipeline (1-1048576). Default: 4096.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 1_048_576))]
+    pub batch_size: i32,
+
+    /// Pause scheduled runs; a manual run (the millrace.dev/run-batch annotation) still
+    /// works. Default: false.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Only recompute entities whose features changed since the last run, carrying the
+    /// other predictions forward. Default: false.
+    #[serde(default)]
+    pub incremental: bool,
+
+    /// A run that cannot start within this many seconds of its time is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub starting_deadline_seconds: Option<i64>,
+
+    /// A run still going after this many seconds fails (and publishes nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+
+    /// Retries per shard before the run fails (0-10). Default: 2.
+    #[serde(default = "default_backoff_limit_per_index")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit_per_index: i32,
+
+    /// Finished runs kept for inspection, successful and failed each (0-20). Default: 3.
+    #[serde(default = "default_history_limit")]
+    #[schemars(range(min = 0, max = 20))]
+    pub history_limit: i32,
+
+    /// Run batch shards on `nodePool` (with its GPUs) instead of ordinary nodes.
+    /// Default: false: the batch is throughput work that CPU nodes do cheaply.
+    #[serde(default)]
+    pub use_node_pool: bool,
+
+    /// Resources of each batch pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_string()
+}
+
+fn default_shards() -> i32 {
+    1
+}
+
+fn default_batch_size() -> i32 {
+    4096
+}
+
+fn default_backoff_limit_per_index() -> i32 {
+    2
+}
+
+fn default_history_limit() -> i32 {
+    3
+}

@@ -1,0 +1,92 @@
+//! `InferenceDeployment.status`: what the operator observed and did.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types the operator maintains.
+pub mod condition {
+    /// Scorers are available and serving the current spec.
+    pub const READY: &str = "Ready";
+    /// Children are being created or rolled to a new spec.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something is wrong that the operator cannot fix by itself (invalid spec, failed apply).
+    pub const DEGRADED: &str = "Degraded";
+    /// The last batch run published its predictions (False: it failed; the previous
+    /// generation keeps serving).
+    pub const BATCH_SUCCEEDED: &str = "BatchSucceeded";
+    /// Real-time predictions for likely entities have been warmed into the cache.
+    pub const CACHE_WARM: &str = "CacheWarm";
+}
+
+/// The observed state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceDeploymentStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, Progressing, Degraded, BatchSucceeded, CacheWarm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The batch generation scorers read (the published pointer in Redis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_generation: Option<String>,
+
+    /// The most recent batch run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_batch: Option<BatchRunStatus>,
+
+    /// The last run-batch token that was turned into a Job, so each token runs once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_token: Option<String>,
+
+    /// What the autoscaler sees and decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// One batch run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchRunStatus {
+    /// The generation the run wrote.
+    pub generation: String,
+    /// The Job that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// When the Job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Predictions written, when the shards reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<i64>,
+    /// Whether every shard succeeded and the generation was published.
+    pub succeeded: bool,
+}
+
+/// The autoscaler's view.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Current scorer replicas.
+    pub replicas: i32,
+    /// Replicas the autoscaler asked for.
+    pub desired_replicas: i32,
+    /// Share of requests answered from cache over the last window, as a percentage
+    /// ("93.5%").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit_rate: Option<String>,
+    /// Cache misses per second over the last window, all replicas together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misses_per_second: Option<f64>,
+    /// When replicas last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+}
