@@ -4,7 +4,9 @@
 //! scorer's runtime config that the operator renders, and the Redis key and value encoding
 //! all live here, so no two binaries can disagree on them.
 
+pub mod config;
 pub mod crd;
+pub mod keys;
 pub mod spec;
 pub mod status;
 

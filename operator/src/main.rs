@@ -1,16 +1,8 @@
-//! `millrace-operator`: reconciles `InferenceDeployment` resources.
-//!
-//! The reconcile pipeline arrives with the API issue; for now the binary states its identity
-//! so the images and the chart have something real to run and probe.
+//! `millrace-operator`: see the crate docs of `millrace_operator`.
 
-use clap::Parser;
+use std::process::ExitCode;
 
-/// Command-line interface of the operator.
-#[derive(Parser, Debug)]
-#[command(version, about = "Reconciles millrace.dev InferenceDeployments")]
-struct Args {}
-
-fn main() {
-    let _args = Args::parse();
-    println!("millrace-operator for {}", millrace_crds::api_version());
+#[tokio::main]
+async fn main() -> ExitCode {
+    millrace_operator::cli::Cli::parse_and_run().await
 }

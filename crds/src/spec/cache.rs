@@ -22,12 +22,13 @@ pub struct CacheSpec {
     /// The Redis server or cluster holding predictions.
     pub redis: RedisSpec,
 
-    /// Prefix of every Redis key of this resource. Default: `{namespace}/{name}`. Immutable
+    /// Prefix of every Redis key of this resource: letters, digits and `. _ / -`, unique
+    /// among the resources that share one Redis. Default: `{namespace}/{name}`. Immutable
     /// once set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 128),
-        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     )]
     pub key_prefix: Option<String>,
 

@@ -1,0 +1,372 @@
+//! Redis keys and values: the one encoding the batch writer, the scorer and the operator share.
+//!
+//! Every key of one resource starts with `mr:{keyspace}:`, where the keyspace is the cache's
+//! `keyPrefix` (default `{namespace}/{name}`) and neither it nor a model version may contain
+//! `:`, so the encoding is injective: two resources, or two model versions, never read each
+//! other's keys.
+//!
+//! | key | holds |
+//! |---|---|
+//! | `mr:{ks}:{version}:b:{generation}:{{id}}` | a batch prediction of generation G |
+//! | `mr:{ks}:{version}:rt:{{id}}` | a real-time prediction |
+//! | `mr:{ks}:{version}:serving` | the published generation scorers read |
+//! | `mr:{ks}:{version}:g:{generation}:done` | the set of shard indexes that finished G |
+//!
+//! The entity id is wrapped in a Redis Cluster hash tag (`{...}`), so one entity's batch and
+//! real-time keys share a slot (one `MGET` answers "batch or real-time cached?") while
+//! different entities spread over every slot. Ids therefore may not contain braces; see
+//! [`validate_entity_id`].
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest entity id accepted, in bytes.
+pub const MAX_ENTITY_ID_LEN: usize = 256;
+
+/// The version byte that starts every encoded prediction.
+pub const VALUE_ENCODING_V1: u8 = 1;
+
+/// Length of a v1 value: version byte, f32 prediction, u64 milliseconds since the epoch.
+pub const VALUE_V1_LEN: usize = 1 + 4 + 8;
+
+/// An entity id that cannot be used in a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntityIdError {
+    /// The id is empty.
+    #[error("entity id is empty")]
+    Empty,
+    /// The id is longer than [`MAX_ENTITY_ID_LEN`].
+    #[error("entity id is {0} bytes; the limit is {MAX_ENTITY_ID_LEN}")]
+    TooLong(usize),
+    /// The id has a character outside `A-Z a-z 0-9 . _ - : @ / = +`.
+    #[error("entity id contains {0:?}; allowed are letters, digits and . _ - : @ / = +")]
+    BadCharacter(char),
+}
+
+/// Checks that `id` can be used in a key: 1-256 bytes of `A-Z a-z 0-9 . _ - : @ / = +`.
+/// Braces (Redis Cluster hash tags), spaces and control characters are refused.
+pub fn validate_entity_id(id: &str) -> Result<(), EntityIdError> {
+    if id.is_empty() {
+        return Err(EntityIdError::Empty);
+    }
+    if id.len() > MAX_ENTITY_ID_LEN {
+        return Err(EntityIdError::TooLong(id.len()));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-:@/=+".contains(*c)))
+    {
+        Some(bad) => Err(EntityIdError::BadCharacter(bad)),
+        None => Ok(()),
+    }
+}
+
+/// The keys of one resource's model version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyspace {
+    base: String,
+}
+
+impl Keyspace {
+    /// The keyspace for `key_prefix` (the cache's keyPrefix, or `{namespace}/{name}`) and
+    /// model `version`. Neither may contain `:` or braces; the API schema guarantees it.
+    pub fn new(key_prefix: &str, version: &str) -> Self {
+        Self {
+            base: format!("mr:{key_prefix}:{version}:"),
+        }
+    }
+
+    /// The default key prefix of a resource: `{namespace}/{name}`.
+    pub fn default_prefix(namespace: &str, name: &str) -> String {
+        format!("{namespace}/{name}")
+    }
+
+    /// Where generation `generation` keeps the batch prediction of `id`.
+    pub fn batch(&self, generation: &str, id: &str) -> String {
+        format!("{}b:{generation}:{{{id}}}", self.base)
+    }
+
+    /// Where the real-time prediction of `id` lives.
+    pub fn realtime(&self, id: &str) -> String {
+        format!("{}rt:{{{id}}}", self.base)
+    }
+
+    /// The pointer to the published batch generation.
+    pub fn serving_pointer(&self) -> String {
+        format!("{}serving", self.base)
+    }
+
+    /// The set of shard indexes that completed `generation`.
+    pub fn shards_done(&self, generation: &str) -> String {
+        format!("{}g:{generation}:done", self.base)
+    }
+
+    /// A `SCAN MATCH` pattern for every key of this version.
+    pub fn scan_pattern(&self) -> String {
+        format!("{}*", escape_glob(&self.base))
+    }
+}
+
+/// A `SCAN MATCH` pattern for every key of every version of one resource: what deleting the
+/// resource removes.
+pub fn resource_scan_pattern(key_prefix: &str) -> String {
+    format!("{}*", escape_glob(&format!("mr:{key_prefix}:")))
+}
+
+/// Escapes the glob metacharacters Redis `MATCH` understands.
+fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A batch generation name for a run starting at `start`: `YYYYMMDD-HHMMSS` in UTC, so
+/// generations sort by time.
+pub fn generation_at(start: SystemTime) -> String {
+    let seconds = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A cached prediction: the value and when it was computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CachedPrediction {
+    /// The model's output.
+    pub value: f32,
+    /// Milliseconds since the Unix epoch when it was computed.
+    pub computed_at_ms: u64,
+}
+
+/// A stored value that is not a prediction this code can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// The value is empty.
+    #[error("empty value")]
+    Empty,
+    /// Written by a newer encoding.
+    #[error("unknown value encoding {0}")]
+    UnknownEncoding(u8),
+    /// The length does not match the encoding.
+    #[error("value of {actual} bytes; encoding 1 has {VALUE_V1_LEN}")]
+    BadLength {
+        /// The bytes found.
+        actual: usize,
+    },
+}
+
+impl CachedPrediction {
+    /// A prediction computed now.
+    pub fn now(value: f32) -> Self {
+        Self {
+            value,
+            computed_at_ms: now_ms(),
+        }
+    }
+
+    /// The compact binary form: `[1][f32 LE][u64 LE ms]`, 13 bytes.
+    pub fn encode(&self) -> [u8; VALUE_V1_LEN] {
+        let mut out = [0u8; VALUE_V1_LEN];
+        out[0] = VALUE_ENCODING_V1;
+        out[1..5].copy_from_slice(&self.value.to_le_bytes());
+        out[5..13].copy_from_slice(&self.computed_at_ms.to_le_bytes());
+        out
+    }
+
+    /// Reads a value written by [`CachedPrediction::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, ValueError> {
+        let (&version, rest) = bytes.split_first().ok_or(ValueError::Empty)?;
+        if version != VALUE_ENCODING_V1 {
+            return Err(ValueError::UnknownEncoding(version));
+        }
+        if bytes.len() != VALUE_V1_LEN {
+            return Err(ValueError::BadLength {
+                actual: bytes.len(),
+            });
+        }
+        let mut value = [0u8; 4];
+        value.copy_from_slice(&rest[..4]);
+        let mut at = [0u8; 8];
+        at.copy_from_slice(&rest[4..12]);
+        Ok(Self {
+            value: f32::from_le_bytes(value),
+            computed_at_ms: u64::from_le_bytes(at),
+        })
+    }
+
+    /// How old the prediction is at `now_ms` (zero if it claims to come from the future).
+    pub fn age(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.computed_at_ms))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The Redis Cluster hash slot of `key` (CRC16/XMODEM of the hash tag, or of the whole key).
+pub fn cluster_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&len| len > 0)
+                .map(|len| &rest[..len])
+        })
+        .unwrap_or(key);
+    crc16_xmodem(tagged) % 16_384
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_the_resource_version_and_entity() {
+        let ks = Keyspace::new("ml/churn", "3");
+        assert_eq!(
+            ks.batch("20261130-020000", "user_42"),
+            "mr:ml/churn:3:b:20261130-020000:{user_42}"
+        );
+        assert_eq!(ks.realtime("user_42"), "mr:ml/churn:3:rt:{user_42}");
+        assert_eq!(ks.serving_pointer(), "mr:ml/churn:3:serving");
+        assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");
+    }
+
+    #[test]
+    fn two_versions_or_resources_never_share_a_key() {
+        let a = Keyspace::new("ml/churn", "3");
+        let b = Keyspace::new("ml/churn", "4");
+        let c = Keyspace::new("ml/churn2", "3");
+        assert_ne!(a.realtime("x"), b.realtime("x"));
+        assert_ne!(a.realtime("x"), c.realtime("x"));
+        assert_ne!(a.serving_pointer(), b.serving_pointer());
+    }
+
+    #[test]
+    fn one_entitys_keys_share_a_slot_and_entities_spread() {
+        let ks = Keyspace::new("ml/churn", "3");
+        let id = "user_42";
+        assert_eq!(
+            cluster_slot(ks.batch("G", id).as_bytes()),
+            cluster_slot(ks.realtime(id).as_bytes())
+        );
+        let slots: std::collections::HashSet<u16> = (0..1000)
+            .map(|i| cluster_slot(ks.realtime(&format!("user_{i}")).as_bytes()))
+            .collect();
+        assert!(slots.len() > 900, "1000 ids hit only {} slots", slots.len());
+    }
+
+    #[test]
+    fn cluster_slot_matches_redis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(cluster_slot(b"foo"), 12182);
+        assert_eq!(
+            cluster_slot(b"{user1000}.following"),
+            cluster_slot(b"user1000")
+        );
+        assert_eq!(cluster_slot(b"foo{}{bar}"), cluster_slot(b"foo{}{bar}"));
+    }
+
+    #[test]
+    fn values_round_trip_and_reject_garbage() {
+        let p = CachedPrediction {
+            value: 0.731,
+            computed_at_ms: 1_764_468_000_123,
+        };
+        let bytes = p.encode();
+        assert_eq!(bytes.len(), 13);
+        assert_eq!(CachedPrediction::decode(&bytes), Ok(p));
+        assert_eq!(CachedPrediction::decode(&[]), Err(ValueError::Empty));
+        assert_eq!(
+            CachedPrediction::decode(b"{\"prediction\":1}"),
+            Err(ValueError::UnknownEncoding(b'{'))
+        );
+        assert_eq!(
+            CachedPrediction::decode(&bytes[..12]),
+            Err(ValueError::BadLength { actual: 12 })
+        );
+    }
+
+    #[test]
+    fn entity_ids_are_checked() {
+        assert!(validate_entity_id("user_42").is_ok());
+        assert!(validate_entity_id("tenant:7/user@x.com").is_ok());
+        assert_eq!(validate_entity_id(""), Err(EntityIdError::Empty));
+        assert_eq!(
+            validate_entity_id("a{b}"),
+            Err(EntityIdError::BadCharacter('{'))
+        );
+        assert_eq!(
+            validate_entity_id("a b"),
+            Err(EntityIdError::BadCharacter(' '))
+        );
+        assert_eq!(
+            validate_entity_id(&"x".repeat(257)),
+            Err(EntityIdError::TooLong(257))
+        );
+    }
+
+    #[test]
+    fn scan_patterns_escape_glob_characters() {
+        assert_eq!(resource_scan_pattern("ml/churn"), "mr:ml/churn:*");
+        assert_eq!(escape_glob("a*b?[c]"), "a\\*b\\?\\[c\\]");
+        assert_eq!(Keyspace::new("ml/c", "3").scan_pattern(), "mr:ml/c:3:*");
+    }
+
+    #[test]
+    fn generations_are_utc_timestamps() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_796_004_000); // 2026-11-30T02:00:00Z
+        assert_eq!(generation_at(t), "20261130-020000");
+        assert_eq!(generation_at(UNIX_EPOCH), "19700101-000000");
+        assert_eq!(
+            generation_at(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "20000229-000000"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! The scorer Deployment: `millrace-scorer serve` on the node pool.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kube::api::ObjectMeta;
+use millrace_crds::InferenceDeployment;
+
+use super::names::{CONFIG_CHECKSUM_ANNOTATION, Component, labels, scorer_name, selector_labels};
+use super::pod::{
+    config_path, container_security_context, downward_env, fetch_model_container, model_is_fetched,
+    place_on_node_pool, pod_security_context, redis_url_env, volume_mounts, volumes, with_gpus,
+};
+use super::{BuildError, BuildOptions, owner_reference};
+
+/// The scorer Deployment. `spec.replicas` is deliberately absent: replicas belong to the
+/// autoscaler (the scale subresource), and a server-side apply that named them would take
+/// them back on every reconcile.
+pub fn deployment(
+    resource: &InferenceDeployment,
+    options: &BuildOptions,
+    config_checksum: &str,
+) -> Result<Deployment, BuildError> {
+    let spec = &resource.spec;
+    let port = spec.serving.port;
+    let mut env = vec![redis_url_env(resource)];
+    env.extend(downward_env());
+
+    let scorer = Container {
+        name: "scorer".into(),
+        image: Some(options.scorer_image.clone()),
+        image_pull_policy: options.image_pull_policy.clone(),
+        args: Some(vec!["serve".into(), "--config".into(), config_path()]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        env: Some(env),
+        resources: with_gpus(spec.serving.resources.clone(), spec.node_pool.as_ref()),
+        volume_mounts: Some(volume_mounts(resource)),
+        // Ready means the model is loaded and warmed up; a slow first load (TensorRT engine
+        // builds) is covered by the startup probe, not by a long liveness delay.
+        startup_probe: Some(http_probe("/readyz", 5, 120)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/livez", 10, 3)),
+        security_context: Some(container_security_context()),
+        ..Container::default()
+    };
+
+    let mut pod = PodSpec {
+        containers: vec![scorer],
+        init_containers: model_is_fetched(resource)
+            .then(|| vec![fetch_model_container(resource, options)]),
+        volumes: Some(volumes(resource)),
+        security_context: Some(pod_security_context()),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        topology_spread_constraints: (!spec.serving.topology_spread_constraints.is_empty())
+            .then(|| spec.serving.topology_spread_constraints.clone()),
+        ..PodSpec::default()
+    };
+    place_on_node_pool(&mut pod, spec.node_pool.as_ref());
+
+    Ok(Deployment {
+        metadata: ObjectMeta {
+            name: Some(scorer_name(resource)),
+            namespace: resource.namespace(),
+            labels: Some(labels(resource, Component::Scorer)),
+            owner_references: Some(vec![owner_reference(resource)?]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DeploymentSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(resource, Component::Scorer)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                // Never drop below the serving capacity during a roll: surge instead.
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::String("25%".into())),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(resource, Component::Scorer)),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_CHECKSUM_ANNOTATION.to_string(),
+                        config_checksum.to_string(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    })
+}
+
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}

@@ -1,0 +1,60 @@
+//! The scorer Service and PodDisruptionBudget.
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kube::api::ObjectMeta;
+use millrace_crds::InferenceDeployment;
+
+use super::names::{Component, labels, scorer_name, selector_labels};
+use super::{BuildError, owner_reference};
+
+fn metadata(resource: &InferenceDeployment) -> Result<ObjectMeta, BuildError> {
+    Ok(ObjectMeta {
+        name: Some(scorer_name(resource)),
+        namespace: resource.namespace(),
+        labels: Some(labels(resource, Component::Scorer)),
+        owner_references: Some(vec![owner_reference(resource)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// `{name}-scorer`: a ClusterIP Service on port 80 in front of the scorers' HTTP port.
+pub fn service(resource: &InferenceDeployment) -> Result<Service, BuildError> {
+    Ok(Service {
+        metadata: metadata(resource)?,
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(resource, Component::Scorer)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// `{name}-scorer`: at most `serving.maxUnavailable` scorers down for voluntary disruptions.
+pub fn pod_disruption_budget(
+    resource: &InferenceDeployment,
+) -> Result<PodDisruptionBudget, BuildError> {
+    Ok(PodDisruptionBudget {
+        metadata: metadata(resource)?,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(resource.spec.serving.max_unavailable)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(resource, Component::Scorer)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    })
+}

@@ -1,0 +1,45 @@
+//! The operator's errors, each with a bounded label for metrics and event reasons.
+
+use crate::build::BuildError;
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A child could not be built from the spec.
+    #[error("building children: {0}")]
+    Build(#[from] BuildError),
+    /// The API server refused or failed a call.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What the operator was doing.
+        action: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The watched object could not be deserialized (a malformed stored object).
+    #[error("the stored object is malformed: {0}")]
+    Malformed(String),
+    /// Redis could not be reached or refused a command.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl Error {
+    /// A static label for metrics and event reasons: never built from object names or
+    /// Debug strings, so the label set stays bounded.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Build(_) => "build",
+            Error::Kube { .. } => "kube_api",
+            Error::Malformed(_) => "malformed",
+            Error::Redis(_) => "redis",
+        }
+    }
+
+    /// Wraps a kube error with what the operator was doing.
+    pub fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let action = action.into();
+        move |source| Error::Kube { action, source }
+    }
+}

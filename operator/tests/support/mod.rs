@@ -1,0 +1,46 @@
+//! Runs the real `millrace-operator` binary against the local control plane, scoped to one
+//! test namespace so tests in parallel never reconcile each other's resources.
+
+use std::process::{Child, Command, Stdio};
+
+/// A running operator process; killed when dropped.
+pub struct OperatorProcess {
+    child: Child,
+}
+
+impl OperatorProcess {
+    /// Starts an operator watching `namespace`, electing its leader on a Lease there.
+    pub fn start(namespace: &str, identity: &str) -> Self {
+        let log =
+            std::env::temp_dir().join(format!("millrace-operator-{namespace}-{identity}.log"));
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_millrace-operator"))
+            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(["--identity", identity, "--admin-addr", "127.0.0.1:0"])
+            .args([
+                "--lease-seconds",
+                "4",
+                "--scorer-image",
+                "registry.local/millrace-scorer:e2e",
+            ])
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::from(file.try_clone().expect("log handle")))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start millrace-operator");
+        eprintln!("operator {identity} logs to {}", log.display());
+        Self { child }
+    }
+
+    /// Kills the process at once (SIGKILL): no lease release, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
