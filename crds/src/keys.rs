@@ -10,7 +10,7 @@
 //! | `mr:{ks}:{version}:b:{generation}:{{id}}` | a batch prediction of generation G |
 //! | `mr:{ks}:{version}:rt:{{id}}` | a real-time prediction |
 //! | `mr:{ks}:{version}:serving` | the published generation scorers read |
-//! | `mr:{ks}:{version}:g:{generation}:done` | the set of shard indexes that finished G |
+//! | `mr:{ks}:{version}:g:{generation}:done` | hash: shard index → predictions it wrote, per finished shard of G |
 //!
 //! The entity id is wrapped in a Redis Cluster hash tag (`{...}`), so one entity's batch and
 //! real-time keys share a slot (one `MGET` answers "batch or real-time cached?") while
@@ -95,7 +95,8 @@ impl Keyspace {
         format!("{}serving", self.base)
     }
 
-    /// The set of shard indexes that completed `generation`.
+    /// The hash of shards that completed `generation`: shard index → predictions written.
+    /// A retried shard overwrites its own field, so the count stays exact.
     pub fn shards_done(&self, generation: &str) -> String {
         format!("{}g:{generation}:done", self.base)
     }

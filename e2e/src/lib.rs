@@ -4,6 +4,8 @@
 //! ([`wait_for`]) instead of sleeping, so tests run in parallel and fail with a message that
 //! says what never happened.
 
+pub mod redis_server;
+
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;

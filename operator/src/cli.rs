@@ -59,6 +59,15 @@ pub struct Cli {
     #[arg(long, env = "MILLRACE_WATCH_NAMESPACE")]
     namespace: Option<String>,
 
+    /// How long, in seconds after a resource's deletion, an unreachable Redis may hold the
+    /// deletion back before the keys are left to expire and the finalizer is released.
+    #[arg(
+        long,
+        env = "MILLRACE_REDIS_CLEANUP_TIMEOUT_SECONDS",
+        default_value_t = 300
+    )]
+    redis_cleanup_timeout_seconds: u64,
+
     /// This replica's identity in the Lease and in events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -147,6 +156,7 @@ impl Cli {
             metrics.clone(),
             &identity,
             self.namespace.clone(),
+            Duration::from_secs(self.redis_cleanup_timeout_seconds),
         ));
         let lost = match &election {
             Some(election) => tokio::select! {

@@ -15,6 +15,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -23,12 +24,18 @@ use millrace_crds::{InferenceDeployment, InferenceDeploymentStatus};
 use tracing::{debug, info, instrument, warn};
 
 use crate::apply::{apply, clamp_replicas, run_batch_now};
+use crate::build::config::key_prefix;
 use crate::build::names::{FIELD_MANAGER, OWNER_LABEL, RUN_BATCH_ANNOTATION};
 use crate::build::{BuildOptions, build};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::publish::{BatchUpdate, JobOutcome, next_to_record, run_status};
+use crate::redis_store::RedisStore;
 use crate::status::{Outcome, condition_status, desired_status};
 use crate::validate::validate;
+
+/// The finalizer that removes a deleted resource's Redis keys.
+pub const FINALIZER: &str = "millrace.dev/redis-cleanup";
 
 /// What every reconcile shares.
 pub struct Context {
@@ -42,6 +49,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// Watch only this namespace (a namespace-scoped install); all namespaces when `None`.
     pub namespace: Option<String>,
+    /// Redis connections for publishing and cleanup.
+    pub redis: RedisStore,
+    /// How long after deletion an unreachable Redis may block the finalizer.
+    pub cleanup_timeout: Duration,
     /// Consecutive failures per object, for the requeue backoff.
     failures: Mutex<HashMap<ObjectRef<DeserializeGuard<InferenceDeployment>>, u32>>,
 }
@@ -54,6 +65,7 @@ impl Context {
         metrics: Arc<Metrics>,
         identity: &str,
         namespace: Option<String>,
+        cleanup_timeout: Duration,
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
@@ -65,6 +77,8 @@ impl Context {
             options,
             metrics,
             namespace,
+            redis: RedisStore::default(),
+            cleanup_timeout,
             failures: Mutex::default(),
         }
     }
@@ -122,7 +136,22 @@ async fn reconcile(
 ) -> Result<Action, Error> {
     let started = Instant::now();
     let result = match &guard.0 {
-        Ok(resource) => pipeline(resource, &ctx).await,
+        Ok(resource) => {
+            let api: Api<InferenceDeployment> = Api::namespaced(
+                ctx.client.clone(),
+                &resource.namespace().unwrap_or_default(),
+            );
+            // The finalizer is the sole top-level call: Apply runs the pipeline, Cleanup
+            // removes the resource's Redis keys before the finalizer is released.
+            finalizer(&api, FINALIZER, Arc::new(resource.clone()), |event| async {
+                match event {
+                    FinalizerEvent::Apply(resource) => pipeline(&resource, &ctx).await,
+                    FinalizerEvent::Cleanup(resource) => cleanup(&resource, &ctx).await,
+                }
+            })
+            .await
+            .map_err(|error| Error::Finalizer(Box::new(error)))
+        }
         Err(invalid) => {
             // One malformed object is logged and skipped; it must not stop the watch.
             warn!(error = %invalid.error, "skipping a malformed InferenceDeployment");
@@ -164,11 +193,6 @@ fn error_policy(
 
 /// validate → build → apply → status.
 async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
-    if resource.metadata.deletion_timestamp.is_some() {
-        // Being deleted: the garbage collector removes the children. Applying them again
-        // now would recreate what it just deleted and stall a foreground deletion.
-        return Ok(Action::await_change());
-    }
     let problems = validate(resource);
     if !problems.is_empty() {
         let message = problems
@@ -176,7 +200,7 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        let status = update_status(resource, ctx, &Outcome::Invalid(&problems), None).await?;
+        let status = update_status(resource, ctx, &Outcome::Invalid(&problems), None, None).await?;
         if changed_to(resource, &status, condition::DEGRADED, "True") {
             event(
                 ctx,
@@ -197,7 +221,7 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         Ok(applied) => applied,
         Err(error) => {
             let text = error.to_string();
-            update_status(resource, ctx, &Outcome::ApplyFailed(&text), None).await?;
+            update_status(resource, ctx, &Outcome::ApplyFailed(&text), None, None).await?;
             event(
                 ctx,
                 resource,
@@ -226,7 +250,32 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         .await;
     }
 
-    let status = update_status(resource, ctx, &Outcome::Applied(&applied), run_token).await?;
+    // Batch publishing; a Redis outage must not hold back the rest of the status.
+    let batch = record_batch(resource, ctx).await;
+    let update = batch.as_ref().ok().and_then(Option::as_ref);
+    let status = update_status(
+        resource,
+        ctx,
+        &Outcome::Applied(&applied),
+        run_token,
+        update,
+    )
+    .await?;
+    if let Some(update) = update {
+        let (type_, reason) = match &update.published {
+            Some(_) => (EventType::Normal, "BatchPublished"),
+            None => (EventType::Warning, "BatchNotPublished"),
+        };
+        event(
+            ctx,
+            resource,
+            type_,
+            reason,
+            "PublishBatch",
+            update.message.clone(),
+        )
+        .await;
+    }
     if changed_to(resource, &status, condition::READY, "True") {
         event(
             ctx,
@@ -238,7 +287,167 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         )
         .await;
     }
+    batch?;
     Ok(Action::await_change())
+}
+
+/// Records the latest finished batch Job: publishes its generation when every shard
+/// succeeded and confirmed in Redis; otherwise says why the previous one keeps serving.
+async fn record_batch(
+    resource: &InferenceDeployment,
+    ctx: &Context,
+) -> Result<Option<BatchUpdate>, Error> {
+    let namespace = resource.namespace().unwrap_or_default();
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace)
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("{OWNER_LABEL}={}", resource.name_any())),
+        )
+        .await
+        .map_err(Error::kube("listing batch Jobs"))?;
+    let Some((job, outcome)) = next_to_record(resource, &jobs.items) else {
+        return Ok(None);
+    };
+    let generation = job.name_any();
+    let update = match outcome {
+        JobOutcome::Failed { reason, message } => BatchUpdate {
+            run: run_status(job, false, None),
+            published: None,
+            message: format!(
+                "batch run {generation} failed ({reason}: {message}); the previous generation keeps serving"
+            ),
+            reason,
+        },
+        JobOutcome::Succeeded => {
+            let url = redis_url(resource, ctx).await?;
+            let cluster = resource.spec.cache.redis.cluster;
+            let keyspace = millrace_crds::keys::Keyspace::new(
+                &key_prefix(resource),
+                &resource.spec.model.version,
+            );
+            let report = ctx
+                .redis
+                .shard_report(&url, cluster, &keyspace.shards_done(&generation))
+                .await?;
+            let shards = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(1) as usize;
+            if report.shards >= shards {
+                ctx.redis
+                    .publish(&url, cluster, &keyspace.serving_pointer(), &generation)
+                    .await?;
+                info!(%generation, predictions = report.predictions, "published a batch generation");
+                BatchUpdate {
+                    run: run_status(job, true, Some(report.predictions)),
+                    published: Some(generation.clone()),
+                    reason: "Published".into(),
+                    message: format!(
+                        "generation {generation} published: {} predictions from {shards} shards",
+                        report.predictions
+                    ),
+                }
+            } else {
+                BatchUpdate {
+                    run: run_status(job, false, Some(report.predictions)),
+                    published: None,
+                    reason: "ShardsUnconfirmed".into(),
+                    message: format!(
+                        "Job {generation} completed but only {} of {shards} shards recorded completion in Redis; not published, the previous generation keeps serving",
+                        report.shards
+                    ),
+                }
+            }
+        }
+    };
+    Ok(Some(update))
+}
+
+/// The Redis URL of `resource`: the spec's literal, or the value in its Secret.
+async fn redis_url(resource: &InferenceDeployment, ctx: &Context) -> Result<String, Error> {
+    let redis = &resource.spec.cache.redis;
+    if let Some(url) = &redis.url {
+        return Ok(url.clone());
+    }
+    let Some(selector) = &redis.url_secret_ref else {
+        return Err(Error::RedisUrl(
+            "spec.cache.redis has neither url nor urlSecretRef".into(),
+        ));
+    };
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(
+        ctx.client.clone(),
+        &resource.namespace().unwrap_or_default(),
+    );
+    let secret = secrets
+        .get_opt(&selector.name)
+        .await
+        .map_err(Error::kube(format!("reading Secret {}", selector.name)))?
+        .ok_or_else(|| Error::RedisUrl(format!("Secret {} does not exist", selector.name)))?;
+    let bytes = secret
+        .data
+        .and_then(|data| data.get(&selector.key).cloned())
+        .ok_or_else(|| {
+            Error::RedisUrl(format!(
+                "Secret {} has no key {}",
+                selector.name, selector.key
+            ))
+        })?;
+    String::from_utf8(bytes.0).map_err(|_| {
+        Error::RedisUrl(format!(
+            "Secret {} key {} is not UTF-8",
+            selector.name, selector.key
+        ))
+    })
+}
+
+/// Removes every Redis key of `resource` (all model versions) and nothing else. If Redis
+/// stays unreachable past `cleanup_timeout` after deletion began, gives up with a warning so
+/// deletion is never blocked forever.
+async fn cleanup(resource: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
+    let pattern = millrace_crds::keys::resource_scan_pattern(&key_prefix(resource));
+    let result = match redis_url(resource, ctx).await {
+        Ok(url) => ctx
+            .redis
+            .delete_matching(&url, resource.spec.cache.redis.cluster, &pattern)
+            .await
+            .map_err(Error::from),
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(removed) => {
+            info!(removed, %pattern, "removed the resource's Redis keys");
+            event(
+                ctx,
+                resource,
+                EventType::Normal,
+                "RedisKeysDeleted",
+                "Cleanup",
+                format!("deleted {removed} keys matching {pattern}"),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(error) => {
+            let deleting_for = resource
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| jiff::Timestamp::now().duration_since(t.0))
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or_default();
+            if deleting_for < ctx.cleanup_timeout {
+                return Err(error);
+            }
+            warn!(%error, "giving up on Redis cleanup; releasing the finalizer");
+            event(
+                ctx,
+                resource,
+                EventType::Warning,
+                "RedisCleanupSkipped",
+                "Cleanup",
+                format!("Redis unreachable for {deleting_for:?} after deletion ({error}); keys matching {pattern} were left to expire with their TTLs"),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+    }
 }
 
 /// The run-batch token on the resource, if it has not been turned into a Job yet.
@@ -268,6 +477,7 @@ async fn update_status(
     ctx: &Context,
     outcome: &Outcome<'_>,
     run_token: Option<&str>,
+    batch: Option<&BatchUpdate>,
 ) -> Result<InferenceDeploymentStatus, Error> {
     let now = Time(jiff::Timestamp::now());
     let status = desired_status(
@@ -275,6 +485,7 @@ async fn update_status(
         resource.status.as_ref(),
         outcome,
         run_token,
+        batch,
         &now,
     );
     if resource.status.as_ref() == Some(&status) {

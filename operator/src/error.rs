@@ -23,6 +23,12 @@ pub enum Error {
     /// Redis could not be reached or refused a command.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Redis URL could not be resolved from the spec (missing Secret or key).
+    #[error("redis URL: {0}")]
+    RedisUrl(String),
+    /// Adding or removing the finalizer, or a step under it, failed.
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -34,6 +40,12 @@ impl Error {
             Error::Kube { .. } => "kube_api",
             Error::Malformed(_) => "malformed",
             Error::Redis(_) => "redis",
+            Error::RedisUrl(_) => "redis_url",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
         }
     }
 

@@ -12,5 +12,7 @@ pub mod controller;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod publish;
+pub mod redis_store;
 pub mod status;
 pub mod validate;

@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use millrace_crds::status::{AutoscalingStatus, InferenceDeploymentStatus, condition};
 
 use crate::apply::Applied;
+use crate::publish::BatchUpdate;
 use crate::validate::Invalid;
 
 /// What one reconcile found, as input to the status.
@@ -26,6 +27,7 @@ pub fn desired_status(
     current: Option<&InferenceDeploymentStatus>,
     outcome: &Outcome<'_>,
     run_token: Option<&str>,
+    batch: Option<&BatchUpdate>,
     now: &Time,
 ) -> InferenceDeploymentStatus {
     let mut status = current.cloned().unwrap_or_default();
@@ -48,6 +50,19 @@ pub fn desired_status(
             message,
         );
     };
+    if let Some(batch) = batch {
+        status.last_batch = Some(batch.run.clone());
+        if let Some(generation) = &batch.published {
+            status.serving_generation = Some(generation.clone());
+        }
+        set(
+            &mut status,
+            condition::BATCH_SUCCEEDED,
+            batch.published.is_some(),
+            &batch.reason,
+            batch.message.clone(),
+        );
+    }
     match outcome {
         Outcome::Invalid(problems) => {
             let message = problems

@@ -315,7 +315,7 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
         &resource,
         serde_json::json!({"spec": {"features": {"timeZone": "Nowhere"}}}),
     ));
-    let first = desired_status(Some(2), None, &Outcome::Invalid(&problems), None, &t0);
+    let first = desired_status(Some(2), None, &Outcome::Invalid(&problems), None, None, &t0);
     let degraded = |s: &millrace_crds::InferenceDeploymentStatus| {
         s.conditions
             .iter()
@@ -333,6 +333,7 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
         Some(&first),
         &Outcome::Invalid(&problems),
         None,
+        None,
         &t1,
     );
     assert_eq!(again, first);
@@ -342,6 +343,7 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
         Some(3),
         Some(&first),
         &Outcome::ApplyFailed("boom"),
+        None,
         None,
         &t1,
     );

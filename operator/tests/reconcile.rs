@@ -18,32 +18,15 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use millrace_crds::InferenceDeployment;
+use millrace_e2e::redis_server::RedisServer;
 use millrace_e2e::{install_crd, wait_deleted, wait_for, wait_named, with_temp_ns};
 use serde_json::json;
 use support::OperatorProcess;
 
-const EXAMPLE: &str = include_str!("../../examples/churn.yaml");
 const SELECTOR: &str = "millrace.dev/inference-deployment=churn";
 
-fn example(patch: serde_json::Value) -> InferenceDeployment {
-    let mut value: serde_json::Value = serde_yaml_ng::from_str(EXAMPLE).expect("example");
-    merge(&mut value, &patch);
-    serde_json::from_value(value).expect("a resource")
-}
-
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
+fn example(redis: &RedisServer, patch: serde_json::Value) -> InferenceDeployment {
+    support::example(&redis.url(), patch)
 }
 
 /// Applies `resource` as a user would (`kubectl apply --server-side`).
@@ -113,9 +96,10 @@ async fn child_versions(client: &Client, ns: &str) -> BTreeMap<String, String> {
 async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() {
     with_temp_ns("reconcile", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(json!({}))).await;
+        user_apply(&api, &example(&redis, json!({}))).await;
         let ready = wait_ready(&api, "churn").await;
         assert_eq!(
             ready
@@ -197,6 +181,7 @@ async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() 
         user_apply(
             &api,
             &example(
+                &redis,
                 json!({"spec": {"serving": {"maxUnavailable": 2}, "cache": {"realtimeTTL": "2h"}}}),
             ),
         )
@@ -228,6 +213,7 @@ async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() 
 
         // Removing the batch deletes the CronJob.
         let mut no_batch = example(
+            &redis,
             json!({"spec": {"serving": {"maxUnavailable": 2}, "cache": {"realtimeTTL": "2h"}}}),
         );
         no_batch.spec.batch = None;
@@ -248,9 +234,10 @@ async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() 
 async fn deleting_the_resource_garbage_collects_its_children() {
     with_temp_ns("reconcile-gc", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(json!({}))).await;
+        user_apply(&api, &example(&redis, json!({}))).await;
         wait_ready(&api, "churn").await;
         api.delete("churn", &DeleteParams::foreground())
             .await
@@ -270,9 +257,10 @@ async fn deleting_the_resource_garbage_collects_its_children() {
 async fn a_run_batch_token_creates_exactly_one_job() {
     with_temp_ns("reconcile-run", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(json!({}))).await;
+        user_apply(&api, &example(&redis, json!({}))).await;
         wait_ready(&api, "churn").await;
 
         let annotate =
@@ -352,11 +340,15 @@ async fn a_run_batch_token_creates_exactly_one_job() {
 async fn a_spec_only_the_operator_can_reject_is_reported_degraded() {
     with_temp_ns("reconcile-invalid", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
         user_apply(
             &api,
-            &example(json!({"spec": {"batch": {"timeZone": "Mars/Olympus_Mons"}}})),
+            &example(
+                &redis,
+                json!({"spec": {"batch": {"timeZone": "Mars/Olympus_Mons"}}}),
+            ),
         )
         .await;
         let degraded = wait_named(&api, "churn", "Degraded=True", |r: &InferenceDeployment| {
@@ -398,6 +390,7 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
                     == Some(name)
             }
         };
+        let redis = RedisServer::start();
         let mut first = OperatorProcess::start(&ns, "first");
         wait_named(
             &leases,
@@ -410,7 +403,7 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
         let _second = OperatorProcess::start(&ns, "second");
 
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(json!({}))).await;
+        user_apply(&api, &example(&redis, json!({}))).await;
         wait_ready(&api, "churn").await;
         let lease = leases.get("millrace-operator").await.expect("lease");
         assert_eq!(
@@ -436,7 +429,7 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
         );
 
         // The new leader reconciles: a new resource becomes Ready.
-        let mut other = example(json!({"metadata": {"name": "fraud"}}));
+        let mut other = example(&redis, json!({"metadata": {"name": "fraud"}}));
         other.metadata.name = Some("fraud".into());
         api.create(&PostParams::default(), &other)
             .await

@@ -1,0 +1,89 @@
+//! Batch publishing: when a batch Job finishes, publish its generation (every shard
+//! succeeded and recorded completion in Redis) or report why not. A failed or partial run is
+//! never published: the previous generation keeps serving until its TTL.
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use millrace_crds::InferenceDeployment;
+use millrace_crds::status::BatchRunStatus;
+
+/// How a finished batch Job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Every index succeeded.
+    Succeeded,
+    /// The Job failed: the condition's reason and message.
+    Failed {
+        /// The Job controller's reason (BackoffLimitExceeded, DeadlineExceeded, ...).
+        reason: String,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// What publishing decided for the latest finished run, for the status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchUpdate {
+    /// The run, as `status.lastBatch`.
+    pub run: BatchRunStatus,
+    /// The generation now serving, when this run was published.
+    pub published: Option<String>,
+    /// Why BatchSucceeded is what it is.
+    pub reason: String,
+    /// Details for humans.
+    pub message: String,
+}
+
+/// The outcome of a Job, if it has finished.
+pub fn outcome(job: &Job) -> Option<JobOutcome> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let holds = |type_: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == "True")
+    };
+    if holds("Complete").is_some() {
+        return Some(JobOutcome::Succeeded);
+    }
+    holds("Failed").map(|c| JobOutcome::Failed {
+        reason: c.reason.clone().unwrap_or_else(|| "Failed".into()),
+        message: c.message.clone().unwrap_or_default(),
+    })
+}
+
+/// The most recently created finished Job that the status has not recorded yet.
+pub fn next_to_record<'a>(
+    resource: &InferenceDeployment,
+    jobs: &'a [Job],
+) -> Option<(&'a Job, JobOutcome)> {
+    let recorded = resource
+        .status
+        .as_ref()
+        .and_then(|s| s.last_batch.as_ref())
+        .and_then(|b| b.job_name.as_deref());
+    let latest = jobs
+        .iter()
+        .filter_map(|job| outcome(job).map(|o| (job, o)))
+        .max_by_key(|(job, _)| (job.creation_timestamp(), job.name_any()))?;
+    (Some(latest.0.name_any().as_str()) != recorded).then_some(latest)
+}
+
+/// The `status.lastBatch` entry for `job`.
+pub fn run_status(job: &Job, succeeded: bool, predictions: Option<i64>) -> BatchRunStatus {
+    let status = job.status.clone().unwrap_or_default();
+    BatchRunStatus {
+        generation: job.name_any(),
+        job_name: Some(job.name_any()),
+        start_time: status.start_time,
+        completion_time: status.completion_time.or_else(|| {
+            status
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "Failed")
+                .and_then(|c| c.last_transition_time)
+        }),
+        predictions,
+        succeeded,
+    }
+}

@@ -1,0 +1,342 @@
+//! Batch publishing and deletion cleanup against a real Redis and the local control plane:
+//! a run is published only when every shard confirmed; a failed or partial run leaves the
+//! previous generation serving; deleting a resource removes its keys and nothing else's,
+//! and an unreachable Redis cannot block deletion forever.
+//!
+//! Needs `e2e/cluster up` (see the README's test command).
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use millrace_crds::InferenceDeployment;
+use millrace_crds::keys::Keyspace;
+use millrace_e2e::redis_server::RedisServer;
+use millrace_e2e::{from_json, install_crd, wait_deleted, wait_named, with_temp_ns};
+use millrace_operator::build::batch::manual_job_name;
+use redis::AsyncCommands;
+use serde_json::json;
+use support::{OperatorProcess, example};
+
+async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test Redis")
+}
+
+fn condition(resource: &InferenceDeployment, type_: &str) -> Option<(String, String)> {
+    resource
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Creates the example with `shards` shards, waits until it is Ready, and returns it.
+async fn ready_resource(
+    api: &Api<InferenceDeployment>,
+    server: &RedisServer,
+    shards: i32,
+) -> InferenceDeployment {
+    let resource = example(
+        &server.url(),
+        json!({"spec": {"batch": {"shards": shards}}}),
+    );
+    api.patch(
+        "churn",
+        &PatchParams::apply("e2e-user"),
+        &Patch::Apply(&resource),
+    )
+    .await
+    .expect("apply");
+    wait_named(api, "churn", "Ready", |r: &InferenceDeployment| {
+        condition(r, "Ready").is_some_and(|(status, _)| status == "True")
+    })
+    .await
+    .expect("ready")
+}
+
+async fn run_batch(api: &Api<InferenceDeployment>, token: &str) {
+    let patch = json!({"metadata": {"annotations": {"millrace.dev/run-batch": token}}});
+    api.patch("churn", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+}
+
+#[tokio::test]
+async fn a_run_whose_shards_all_confirmed_is_published() {
+    with_temp_ns("publish", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let server = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let resource = ready_resource(&api, &server, 2).await;
+
+        let keyspace = Keyspace::new(&format!("{ns}/churn"), "3");
+        let generation = manual_job_name(&resource, "run-1");
+        let mut r = redis(&server).await;
+        let _: () = r
+            .set(keyspace.serving_pointer(), "older-generation")
+            .await
+            .expect("set");
+        // What the two batch shards record as they finish (the batch issue's job).
+        let _: () = r
+            .hset_multiple(keyspace.shards_done(&generation), &[("0", 600), ("1", 400)])
+            .await
+            .expect("hset");
+
+        run_batch(&api, "run-1").await;
+        let published = wait_named(
+            &api,
+            "churn",
+            "the run to be published",
+            |r: &InferenceDeployment| {
+                r.status
+                    .as_ref()
+                    .and_then(|s| s.serving_generation.as_deref())
+                    == Some(generation.as_str())
+            },
+        )
+        .await
+        .expect("the operator publishes the generation");
+        let status = published.status.clone().expect("status");
+        let last = status.last_batch.expect("lastBatch");
+        assert!(last.succeeded);
+        assert_eq!(last.predictions, Some(1000));
+        assert_eq!(last.job_name.as_deref(), Some(generation.as_str()));
+        assert!(last.completion_time.is_some());
+        assert_eq!(
+            condition(&published, "BatchSucceeded"),
+            Some(("True".into(), "Published".into()))
+        );
+        let pointer: String = r.get(keyspace.serving_pointer()).await.expect("get");
+        assert_eq!(pointer, generation, "scorers now read the new generation");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_with_an_unconfirmed_shard_is_not_published() {
+    with_temp_ns("publish-partial", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let server = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let resource = ready_resource(&api, &server, 2).await;
+        let keyspace = Keyspace::new(&format!("{ns}/churn"), "3");
+        let generation = manual_job_name(&resource, "run-partial");
+        let mut r = redis(&server).await;
+        let _: () = r
+            .set(keyspace.serving_pointer(), "older-generation")
+            .await
+            .expect("set");
+        let _: () = r
+            .hset(keyspace.shards_done(&generation), "0", 600)
+            .await
+            .expect("hset");
+
+        run_batch(&api, "run-partial").await;
+        let refused = wait_named(
+            &api,
+            "churn",
+            "BatchSucceeded=False",
+            |r: &InferenceDeployment| {
+                condition(r, "BatchSucceeded").is_some_and(|(status, _)| status == "False")
+            },
+        )
+        .await
+        .expect("the operator reports the partial run");
+        assert_eq!(
+            condition(&refused, "BatchSucceeded")
+                .map(|c| c.1)
+                .as_deref(),
+            Some("ShardsUnconfirmed")
+        );
+        assert_eq!(
+            refused
+                .status
+                .as_ref()
+                .and_then(|s| s.serving_generation.clone()),
+            None
+        );
+        let pointer: String = r.get(keyspace.serving_pointer()).await.expect("get");
+        assert_eq!(
+            pointer, "older-generation",
+            "a partial generation is never served"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_run_keeps_the_previous_generation_serving() {
+    with_temp_ns("publish-failed", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let server = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        ready_resource(&api, &server, 1).await;
+        let keyspace = Keyspace::new(&format!("{ns}/churn"), "3");
+        let mut r = redis(&server).await;
+        let _: () = r.set(keyspace.serving_pointer(), "older-generation").await.expect("set");
+
+        // A batch Job of this resource whose shard exits 1 (kwok's pod-fail stage).
+        let job: Job = from_json(json!({
+            "metadata": {"name": "churn-batch-failing", "labels": {"millrace.dev/inference-deployment": "churn"}},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"annotations": {"kwok.millrace.dev/fail": "true"}},
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "batch", "image": "registry.local/millrace-scorer:e2e"}]}
+                }
+            }
+        }));
+        Api::<Job>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &job)
+            .await
+            .expect("create job");
+        let failed = wait_named(&api, "churn", "BatchSucceeded=False", |r: &InferenceDeployment| {
+            condition(r, "BatchSucceeded").is_some_and(|(status, _)| status == "False")
+        })
+        .await
+        .expect("the operator records the failure");
+        assert_eq!(condition(&failed, "BatchSucceeded").map(|c| c.1).as_deref(), Some("BackoffLimitExceeded"));
+        let last = failed.status.as_ref().and_then(|s| s.last_batch.clone()).expect("lastBatch");
+        assert!(!last.succeeded);
+        assert_eq!(last.job_name.as_deref(), Some("churn-batch-failing"));
+        let pointer: String = r.get(keyspace.serving_pointer()).await.expect("get");
+        assert_eq!(pointer, "older-generation");
+        let warnings = Api::<Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().fields("reason=BatchNotPublished"))
+            .await
+            .expect("events");
+        assert_eq!(warnings.items.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_a_resource_removes_its_redis_keys_and_nothing_else() {
+    with_temp_ns("cleanup", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let server = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let resource = ready_resource(&api, &server, 1).await;
+        assert!(
+            resource
+                .finalizers()
+                .iter()
+                .any(|f| f == "millrace.dev/redis-cleanup")
+        );
+
+        let ours_v3 = Keyspace::new(&format!("{ns}/churn"), "3");
+        let ours_v2 = Keyspace::new(&format!("{ns}/churn"), "2");
+        let neighbour = Keyspace::new(&format!("{ns}/churn-v2"), "3");
+        let mut r = redis(&server).await;
+        let mut pipe = redis::pipe();
+        for i in 0..2500 {
+            pipe.set(ours_v3.batch("g1", &format!("user_{i}")), 1)
+                .ignore();
+        }
+        pipe.set(ours_v3.realtime("user_1"), 1)
+            .ignore()
+            .set(ours_v3.serving_pointer(), "g1")
+            .ignore()
+            .set(ours_v2.realtime("user_1"), 1)
+            .ignore()
+            .set(neighbour.realtime("user_1"), 1)
+            .ignore()
+            .set(neighbour.serving_pointer(), "g9")
+            .ignore()
+            .set("unrelated:key", 1)
+            .ignore();
+        let _: () = pipe.query_async(&mut r).await.expect("populate");
+
+        api.delete("churn", &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_deleted(&api, "churn", "the finalizer to finish")
+            .await
+            .expect("deleted");
+
+        let remaining: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut r)
+            .await
+            .expect("keys");
+        let mut remaining = remaining;
+        remaining.sort();
+        let mut expected = vec![
+            neighbour.realtime("user_1"),
+            neighbour.serving_pointer(),
+            "unrelated:key".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(
+            remaining, expected,
+            "only the deleted resource's keys (every version) are gone"
+        );
+        let events = Api::<Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().fields("reason=RedisKeysDeleted"))
+            .await
+            .expect("events");
+        assert!(
+            events.items.iter().any(|e| e
+                .message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("deleted 2503 keys"))),
+            "{:?}",
+            events
+                .items
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_delays_deletion_only_up_to_the_bound() {
+    with_temp_ns("cleanup-down", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let mut server = RedisServer::start();
+        let _operator =
+            OperatorProcess::start_with(&ns, "solo", &["--redis-cleanup-timeout-seconds", "4"]);
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        ready_resource(&api, &server, 1).await;
+
+        server.stop();
+        let started = std::time::Instant::now();
+        api.delete("churn", &DeleteParams::default())
+            .await
+            .expect("delete");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            api.get_opt("churn").await.expect("get").is_some(),
+            "deletion waits for the cleanup while within the bound"
+        );
+        wait_deleted(&api, "churn", "the finalizer to be released")
+            .await
+            .expect("released after the bound");
+        assert!(started.elapsed() >= Duration::from_secs(4));
+        let warnings = Api::<Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().fields("reason=RedisCleanupSkipped"))
+            .await
+            .expect("events");
+        assert_eq!(warnings.items.len(), 1);
+        assert!(warnings.items[0].type_.as_deref() == Some("Warning"));
+        drop(server);
+        let _ = client;
+    })
+    .await;
+}
