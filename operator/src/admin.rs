@@ -1,6 +1,5 @@
 //! The admin HTTP server: `/metrics`, `/livez`, `/readyz`, for Prometheus and the probes.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,9 +19,9 @@ pub struct AdminState {
     pub ready: AtomicBool,
 }
 
-/// Serves the admin endpoints on `addr` until `shutdown` resolves.
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     state: Arc<AdminState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -31,7 +30,6 @@ pub async fn serve(
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -120,11 +120,20 @@ impl Cli {
             metrics: metrics.clone(),
             ready: Default::default(),
         });
+        let listener = tokio::net::TcpListener::bind(self.admin_addr)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} for the admin server: {e}",
+                    self.admin_addr
+                )
+            })?;
+        let admin_addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_task = tokio::spawn(serve(self.admin_addr, admin.clone(), async {
+        let admin_task = tokio::spawn(serve(listener, admin.clone(), async {
             let _ = admin_stopped.await;
         }));
-        info!(addr = %self.admin_addr, %identity, "admin server listening");
+        info!(addr = %admin_addr, %identity, "admin server listening");
 
         wait_for_crd(&client).await;
         admin.ready.store(true, Ordering::Relaxed);

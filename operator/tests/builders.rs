@@ -351,3 +351,37 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
     assert_eq!(degraded(&failed).last_transition_time, t0);
     assert_eq!(failed.observed_generation, Some(3));
 }
+
+/// Every child of the fixture, as YAML documents, compared with the reviewed golden file.
+/// `UPDATE_GOLDEN=1 cargo test -p millrace-operator --test builders` rewrites it after an
+/// intended change; the diff then shows exactly what users' clusters will receive.
+#[test]
+fn the_rendered_children_match_the_golden_file() {
+    let c = children(&fixture());
+    let mut documents = vec![
+        serde_yaml_ng::to_string(&c.config_map),
+        serde_yaml_ng::to_string(&c.deployment),
+        serde_yaml_ng::to_string(&c.service),
+        serde_yaml_ng::to_string(&c.pod_disruption_budget),
+    ];
+    if let Some(cron_job) = &c.cron_job {
+        documents.push(serde_yaml_ng::to_string(cron_job));
+    }
+    let rendered: String = documents
+        .into_iter()
+        .map(|d| format!("---\n{}", d.expect("yaml")))
+        .collect();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/churn-children.yaml");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, &rendered).expect("write golden");
+    }
+    let golden = std::fs::read_to_string(&path)
+        .expect("the golden file exists (UPDATE_GOLDEN=1 creates it)");
+    assert!(
+        golden == rendered,
+        "children differ from {}; rerun with UPDATE_GOLDEN=1 and review the diff",
+        path.display()
+    );
+}

@@ -1,6 +1,9 @@
 //! Runs the real `millrace-operator` binary against the local control plane, scoped to one
 //! test namespace so tests in parallel never reconcile each other's resources.
 
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 use std::process::{Child, Command, Stdio};
 
 /// A running operator process; killed when dropped.
@@ -19,15 +22,21 @@ impl OperatorProcess {
         let log =
             std::env::temp_dir().join(format!("millrace-operator-{namespace}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("operator log file");
+        // Defaults for the flags a test does not set itself (clap refuses a flag twice).
+        let defaults: Vec<&str> = [("--admin-addr", "127.0.0.1:0"), ("--lease-seconds", "4")]
+            .into_iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag, value])
+            .collect();
         let child = Command::new(env!("CARGO_BIN_EXE_millrace-operator"))
             .args(["--namespace", namespace, "--lease-namespace", namespace])
-            .args(["--identity", identity, "--admin-addr", "127.0.0.1:0"])
             .args([
-                "--lease-seconds",
-                "4",
+                "--identity",
+                identity,
                 "--scorer-image",
                 "registry.local/millrace-scorer:e2e",
             ])
+            .args(defaults)
             .args(extra)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::from(file.try_clone().expect("log handle")))
@@ -38,11 +47,46 @@ impl OperatorProcess {
         Self { child }
     }
 
+    /// Asks the process to shut down (SIGTERM) and waits for its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+        self.child.wait().expect("wait for the operator")
+    }
+
     /// Kills the process at once (SIGKILL): no lease release, as in a crash.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `GET path` on 127.0.0.1:`port` over plain HTTP/1.0: the status code and the body, or
+/// `None` while nothing listens.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
 }
 
 /// The churn example (`examples/churn.yaml`) pointed at `redis_url`, with `patch` merged in

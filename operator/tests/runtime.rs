@@ -1,0 +1,210 @@
+//! The operator as a process: its admin endpoints and metrics, graceful shutdown that hands
+//! the lease over at once, and the printer columns `kubectl get` shows.
+//!
+//! Needs `e2e/cluster up` (see the README's test command).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use millrace_crds::InferenceDeployment;
+use millrace_e2e::redis_server::RedisServer;
+use millrace_e2e::{install_crd, wait_named, with_temp_ns};
+use serde_json::json;
+use support::{OperatorProcess, example, free_port, http_get};
+
+async fn create_and_wait_ready(
+    client: &Client,
+    ns: &str,
+    redis: &RedisServer,
+) -> InferenceDeployment {
+    let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), ns);
+    let resource = example(&redis.url(), json!({}));
+    api.patch(
+        "churn",
+        &PatchParams::apply("e2e-user"),
+        &Patch::Apply(&resource),
+    )
+    .await
+    .expect("apply");
+    wait_named(&api, "churn", "Ready", |r: &InferenceDeployment| {
+        r.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+    .await
+    .expect("ready")
+}
+
+/// The value of a sample line `name value` in Prometheus text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn the_admin_endpoints_report_health_and_reconcile_metrics() {
+    with_temp_ns("admin", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let _operator = OperatorProcess::start_with(&ns, "solo", &["--admin-addr", &addr]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(port, "/readyz").map(|(code, _)| code) != Some(200) {
+            assert!(Instant::now() < deadline, "/readyz never became 200");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(http_get(port, "/livez").map(|(code, _)| code), Some(200));
+
+        create_and_wait_ready(&client, &ns, &redis).await;
+        let (code, metrics) = http_get(port, "/metrics").expect("metrics");
+        assert_eq!(code, 200);
+        assert!(
+            sample(&metrics, "millrace_operator_reconciles_total").is_some_and(|n| n >= 1.0),
+            "{metrics}"
+        );
+        assert!(
+            sample(
+                &metrics,
+                "millrace_operator_reconcile_duration_seconds_count"
+            )
+            .is_some_and(|n| n >= 1.0)
+        );
+        assert_eq!(sample(&metrics, "millrace_operator_leader"), Some(1.0));
+
+        // A spec the schema lets through but the API server refuses when applied (a CPU
+        // quantity of "lots") fails the reconcile: Degraded, and a failure by bounded reason.
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let mut broken = example(
+            &redis.url(),
+            json!({"spec": {"serving": {"resources": {"limits": {"cpu": "lots"}}}}}),
+        );
+        broken.metadata.name = Some("broken".into());
+        api.patch(
+            "broken",
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(&broken),
+        )
+        .await
+        .expect("apply");
+        let degraded = wait_named(
+            &api,
+            "broken",
+            "Degraded=True",
+            |r: &InferenceDeployment| {
+                r.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Degraded" && c.status == "True")
+                })
+            },
+        )
+        .await
+        .expect("the apply failure is reported");
+        let reason = degraded
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
+            .map(|c| c.reason);
+        assert_eq!(reason.as_deref(), Some("ApplyFailed"));
+        let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+        assert!(
+            sample(
+                &metrics,
+                r#"millrace_operator_reconcile_failures_total{reason="kube_api"}"#
+            )
+            .is_some_and(|n| n >= 1.0),
+            "{metrics}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_hands_the_lease_to_the_standby_at_once() {
+    with_temp_ns("shutdown", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        // A long lease: only a release, not an expiry, can explain a quick takeover.
+        let long = ["--lease-seconds", "30"];
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+        let holder = |name: &'static str| {
+            move |lease: &Lease| {
+                lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.as_deref())
+                    == Some(name)
+            }
+        };
+        let mut first = OperatorProcess::start_with(&ns, "first", &long);
+        wait_named(
+            &leases,
+            "millrace-operator",
+            "first to lead",
+            holder("first"),
+        )
+        .await
+        .expect("first leads");
+        let _second = OperatorProcess::start_with(&ns, "second", &long);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let started = Instant::now();
+        let exit = first.terminate();
+        assert!(exit.success(), "a graceful shutdown exits 0: {exit:?}");
+        wait_named(
+            &leases,
+            "millrace-operator",
+            "second to take over",
+            holder("second"),
+        )
+        .await
+        .expect("the standby takes the released lease");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "well before the 30 s lease would expire: {:?}",
+            started.elapsed()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubectl_get_shows_the_printer_columns() {
+    with_temp_ns("columns", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let resource = create_and_wait_ready(&client, &ns, &redis).await;
+
+        // What kubectl asks for: the server-side Table rendering.
+        let request = http::Request::get(format!(
+            "/apis/millrace.dev/v1alpha1/namespaces/{ns}/inferencedeployments/{}",
+            resource.name_any()
+        ))
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .expect("request");
+        let table: serde_json::Value = client.request(request).await.expect("table");
+        let columns: Vec<&str> = table["columnDefinitions"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            ["Name", "Ready", "Replicas", "Hit rate", "Last batch", "Age"]
+        );
+        let cells = &table["rows"][0]["cells"];
+        assert_eq!(cells[1], "True");
+        assert_eq!(cells[2], 1);
+    })
+    .await;
+}
