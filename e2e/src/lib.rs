@@ -130,14 +130,36 @@ where
         .await
         .expect("the controller manager creates the default ServiceAccount");
 
-    let outcome = AssertUnwindSafe(test(client, name.clone()))
+    let outcome = AssertUnwindSafe(test(client.clone(), name.clone()))
         .catch_unwind()
         .await;
+    // The test's operator is gone by now: release its finalizers, or the namespace would
+    // stay Terminating for ever.
+    release_finalizers(&client, &name).await;
     if let Err(error) = namespaces.delete(&name, &DeleteParams::background()).await {
         eprintln!("could not delete test namespace {name}: {error}");
     }
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// Removes the finalizers of every InferenceDeployment in `namespace` (test teardown only).
+pub async fn release_finalizers(client: &Client, namespace: &str) {
+    use kube::api::{ListParams, Patch, PatchParams};
+    let api: Api<millrace_crds::InferenceDeployment> = Api::namespaced(client.clone(), namespace);
+    let Ok(list) = api.list_metadata(&ListParams::default()).await else {
+        return;
+    };
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    for item in list.items {
+        let name = item.metadata.name.unwrap_or_default();
+        if let Err(error) = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            eprintln!("could not release the finalizers of {namespace}/{name}: {error}");
+        }
     }
 }
 

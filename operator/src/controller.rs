@@ -13,11 +13,13 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use millrace_crds::status::condition;
 use millrace_crds::{InferenceDeployment, InferenceDeploymentStatus};
@@ -87,37 +89,39 @@ impl Context {
 /// Runs the controller until a shutdown signal (SIGTERM, Ctrl-C).
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
-    let namespace = ctx.namespace.clone();
-    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        match namespace {
-            Some(namespace) => Api::namespaced(client.clone(), namespace),
-            None => Api::all(client.clone()),
-        }
-    }
-    let ns = namespace.as_deref();
+    let ns = ctx.namespace.clone();
+    let ns = ns.as_deref();
     let children = watcher::Config::default()
         .labels(OWNER_LABEL)
         .any_semantic();
     // Jobs are owned by the CronJob, not by the resource: map them back through the label.
-    let job_owner = |job: Job| {
+    let job_owner = |job: PartialObjectMeta<Job>| {
         let name = job.labels().get(OWNER_LABEL)?.clone();
         let namespace = job.namespace()?;
         Some(ObjectRef::new(&name).within(&namespace))
     };
-    let resources: Api<DeserializeGuard<InferenceDeployment>> = match ns {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
-    Controller::new(resources, watcher::Config::default().any_semantic())
-        .owns(api::<Deployment>(&client, ns), children.clone())
-        .owns(api::<Service>(&client, ns), children.clone())
-        .owns(api::<ConfigMap>(&client, ns), children.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(api::<CronJob>(&client, ns), children.clone())
-        .watches(api::<Job>(&client, ns), children, job_owner)
+    // The resources' cache keeps whole objects minus managedFields, which reconcile never
+    // reads and which are a large share of each object.
+    let (reader, writer) = reflector::store();
+    let resources = reflector(
+        writer,
+        watcher(
+            namespaced_or_all(&client, ns),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(|guard: &mut DeserializeGuard<InferenceDeployment>| {
+            guard.meta_mut().managed_fields = None;
+        }),
+    )
+    .applied_objects();
+    Controller::for_stream(resources, reader)
+        .owns_stream(metadata::<Deployment>(&client, ns, &children))
+        .owns_stream(metadata::<Service>(&client, ns, &children))
+        .owns_stream(metadata::<ConfigMap>(&client, ns, &children))
+        .owns_stream(metadata::<PodDisruptionBudget>(&client, ns, &children))
+        .owns_stream(metadata::<CronJob>(&client, ns, &children))
+        .watches_stream(metadata::<Job>(&client, ns, &children), job_owner)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -127,6 +131,40 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// An Api over one namespace, or all of them.
+fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A metadata-only watch of the children of kind `K`. Children only trigger reconciles:
+/// a status change still arrives as an event, but no spec or status is decoded or kept.
+fn metadata<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<PartialObjectMeta<K>> = namespaced_or_all(client, namespace);
+    watcher(api, config.clone())
+        .default_backoff()
+        .touched_objects()
 }
 
 #[instrument(skip(guard, ctx), fields(namespace = guard.namespace(), name = guard.name_any()))]

@@ -114,15 +114,23 @@ async fn the_admin_endpoints_report_health_and_reconcile_metrics() {
             .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
             .map(|c| c.reason);
         assert_eq!(reason.as_deref(), Some("ApplyFailed"));
-        let (_, metrics) = http_get(port, "/metrics").expect("metrics");
-        assert!(
-            sample(
+        // error_policy counts the failure just after the status is written: poll briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+            let failures = sample(
                 &metrics,
-                r#"millrace_operator_reconcile_failures_total{reason="kube_api"}"#
-            )
-            .is_some_and(|n| n >= 1.0),
-            "{metrics}"
-        );
+                r#"millrace_operator_reconcile_failures_total{reason="kube_api"}"#,
+            );
+            if failures.is_some_and(|n| n >= 1.0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no kube_api failure counted: {metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
 }

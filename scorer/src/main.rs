@@ -1,15 +1,8 @@
-//! `millrace-scorer`: one binary for the scorer's serve, batch and warm modes.
-//!
-//! The modes arrive with their issues; for now the binary states its identity.
+//! `millrace-scorer`: see the crate docs of `millrace_scorer`.
 
-use clap::Parser;
+use std::process::ExitCode;
 
-/// Command-line interface of the scorer.
-#[derive(Parser, Debug)]
-#[command(version, about = "Serves, precomputes and warms Millrace predictions")]
-struct Args {}
-
-fn main() {
-    let _args = Args::parse();
-    println!("millrace-scorer for {}", millrace_crds::api_version());
+#[tokio::main]
+async fn main() -> ExitCode {
+    millrace_scorer::cli::Cli::parse_and_run().await
 }

@@ -23,13 +23,17 @@ impl OperatorProcess {
             std::env::temp_dir().join(format!("millrace-operator-{namespace}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("operator log file");
         // Defaults for the flags a test does not set itself (clap refuses a flag twice).
-        let defaults: Vec<&str> = [("--admin-addr", "127.0.0.1:0"), ("--lease-seconds", "4")]
-            .into_iter()
-            .filter(|(flag, _)| !extra.contains(flag))
-            .flat_map(|(flag, value)| [flag, value])
-            .collect();
+        let defaults: Vec<&str> = [
+            ("--admin-addr", "127.0.0.1:0"),
+            ("--lease-seconds", "4"),
+            ("--lease-namespace", namespace),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !extra.contains(flag))
+        .flat_map(|(flag, value)| [flag, value])
+        .collect();
         let child = Command::new(env!("CARGO_BIN_EXE_millrace-operator"))
-            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(["--namespace", namespace])
             .args([
                 "--identity",
                 identity,
@@ -45,6 +49,11 @@ impl OperatorProcess {
             .expect("start millrace-operator");
         eprintln!("operator {identity} logs to {}", log.display());
         Self { child }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Asks the process to shut down (SIGTERM) and waits for its exit status.

@@ -1,0 +1,221 @@
+//! `millrace-scorer fetch-model` as the init container runs it: from a real HTTP server and
+//! a real S3-compatible server (moto, from the project venv), checksum enforced, nothing
+//! left at the destination when anything fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const MODEL: &[u8] = b"\x08\x08\x12\x0cmillrace-testmodel bytes standing in for an ONNX file";
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn fetch(uri: &str, dest: &Path, sha256: Option<&str>, env: &[(&str, String)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+    command
+        .args(["fetch-model", "--uri", uri, "--dest"])
+        .arg(dest);
+    if let Some(sha256) = sha256 {
+        command.args(["--sha256", sha256]);
+    }
+    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command.output().expect("run millrace-scorer")
+}
+
+/// Serves `MODEL` at /models/churn.onnx on a free port; 404 elsewhere.
+async fn http_server() -> u16 {
+    let app =
+        axum::Router::new().route("/models/churn.onnx", axum::routing::get(|| async { MODEL }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+#[tokio::test]
+async fn an_https_model_is_downloaded_and_checked() {
+    let port = http_server().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("model/model.onnx");
+    let uri = format!("http://127.0.0.1:{port}/models/churn.onnx");
+    let out = tokio::task::spawn_blocking({
+        let dest = dest.clone();
+        move || fetch(&uri, &dest, Some(&sha(MODEL)), &[])
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest).expect("written"), MODEL);
+}
+
+#[tokio::test]
+async fn a_checksum_mismatch_leaves_nothing_behind() {
+    let port = http_server().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("model.onnx");
+    let uri = format!("http://127.0.0.1:{port}/models/churn.onnx");
+    let wrong = sha(b"another model");
+    let out = tokio::task::spawn_blocking({
+        let dest = dest.clone();
+        move || fetch(&uri, &dest, Some(&wrong), &[])
+    })
+    .await
+    .expect("join");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing it") && stderr.contains(&sha(MODEL)),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("dir").count(),
+        0,
+        "no model, no partial file"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_model_fails_clearly() {
+    let port = http_server().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("model.onnx");
+    let uri = format!("http://127.0.0.1:{port}/models/absent.onnx");
+    let out = tokio::task::spawn_blocking({
+        let dest = dest.clone();
+        move || fetch(&uri, &dest, None, &[])
+    })
+    .await
+    .expect("join");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("absent.onnx"));
+    assert!(!dest.exists());
+}
+
+#[test]
+fn a_file_model_is_copied() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let source = dir.path().join("source.onnx");
+    std::fs::write(&source, MODEL).expect("write");
+    let dest = dir.path().join("out/model.onnx");
+    let uri = format!("file://{}", source.display());
+    let out = fetch(&uri, &dest, Some(&sha(MODEL)), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest).expect("copied"), MODEL);
+}
+
+#[test]
+fn an_unsupported_scheme_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = fetch(
+        "ftp://models/churn.onnx",
+        &dir.path().join("m.onnx"),
+        None,
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme"));
+}
+
+/// A moto S3 server on a free port, killed when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+        let child = Command::new(&venv)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} (installed by scripts/setup.sh): {e}", venv.display()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_s3_model_is_downloaded_with_credentials_from_the_environment() {
+    use object_store::ObjectStoreExt;
+    let moto = Moto::start();
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_ENDPOINT", endpoint.clone()),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+    ];
+    // Create the bucket (moto accepts a plain PUT) and upload the model.
+    let status = Command::new("curl")
+        .args(["-sf", "-X", "PUT", &format!("{endpoint}/models")])
+        .status()
+        .expect("curl");
+    assert!(status.success(), "create the bucket");
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("models")
+        .with_region("us-east-1")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .expect("s3 client");
+    store
+        .put(&"churn/3/model.onnx".into(), MODEL.to_vec().into())
+        .await
+        .expect("upload");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("model.onnx");
+    let out = tokio::task::spawn_blocking({
+        let dest = dest.clone();
+        move || {
+            fetch(
+                "s3://models/churn/3/model.onnx",
+                &dest,
+                Some(&sha(MODEL)),
+                &env,
+            )
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest).expect("written"), MODEL);
+}
