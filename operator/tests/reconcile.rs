@@ -153,8 +153,17 @@ async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() 
             );
         }
 
-        // A reconcile with nothing to change writes nothing: touch the resource's metadata.
+        // Re-applying the same manifest changes nothing at all.
         let before = child_versions(&client, &ns).await;
+        let resource_version = api.get("churn").await.expect("get").resource_version();
+        user_apply(&api, &example(&redis, json!({}))).await;
+        assert_eq!(
+            api.get("churn").await.expect("get").resource_version(),
+            resource_version
+        );
+
+        // A reconcile with nothing to change writes nothing: touch the resource's metadata,
+        // which wakes the operator without changing the spec.
         let touched_status = api.get("churn").await.expect("get").status;
         let touch = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
         api.patch("churn", &PatchParams::default(), &Patch::Merge(&touch))
