@@ -254,3 +254,45 @@ pub async fn install_crd(client: &Client) -> Result<(), E2eError> {
     .await?;
     Ok(())
 }
+
+/// RFC 7386 JSON merge patch: objects merge, `null` deletes, anything else replaces. Tests
+/// derive variants of a manifest with it.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
+}
+
+/// The condition `type_` of an InferenceDeployment's status, if present.
+pub fn condition<'a>(
+    resource: &'a millrace_crds::InferenceDeployment,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    resource
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits until the InferenceDeployment `name` is Ready for its current generation.
+pub async fn wait_ready(
+    api: &Api<millrace_crds::InferenceDeployment>,
+    name: &str,
+) -> Result<millrace_crds::InferenceDeployment, E2eError> {
+    wait_named(api, name, "Ready=True for the current generation", |r| {
+        condition(r, "Ready").is_some_and(|c| c.status == "True")
+            && r.status.as_ref().and_then(|s| s.observed_generation) == r.metadata.generation
+    })
+    .await
+}

@@ -6,29 +6,13 @@
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use millrace_crds::InferenceDeployment;
-use millrace_e2e::{install_crd, with_temp_ns};
+use millrace_e2e::{install_crd, merge_patch, with_temp_ns};
 use serde_json::{Value, json};
 
 const EXAMPLE: &str = include_str!("../../examples/churn.yaml");
 
 fn example() -> Value {
     serde_yaml_ng::from_str(EXAMPLE).expect("the example is valid YAML")
-}
-
-/// RFC 7386 JSON merge patch: objects merge, null deletes, anything else replaces.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(target), Value::Object(patch)) => {
-            for (key, value) in patch {
-                if value.is_null() {
-                    target.remove(key);
-                } else {
-                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
-                }
-            }
-        }
-        (target, patch) => *target = patch.clone(),
-    }
 }
 
 fn resource_api(client: Client, ns: &str) -> Api<DynamicObject> {
@@ -180,7 +164,7 @@ async fn invalid_resources_are_rejected_with_the_field_named() {
             let mut object = example();
             object["metadata"]["name"] = json!(format!("invalid-{index}"));
             let patch: Value = serde_json::from_str(patch).expect("patch is JSON");
-            merge(&mut object["spec"], &patch);
+            merge_patch(&mut object["spec"], &patch);
             match create(&api, object).await {
                 Err(kube::Error::Api(status)) => {
                     let message = &status.message;
@@ -241,7 +225,7 @@ async fn zero_replicas_are_allowed_for_the_split_topology() {
         install_crd(&client).await.expect("install the CRD");
         let api = resource_api(client, &ns);
         let mut object = example();
-        merge(
+        merge_patch(
             &mut object["spec"],
             &json!({"serving": {"topology": "split"}, "autoscaling": {"minReplicas": 0}}),
         );
@@ -258,7 +242,7 @@ async fn the_key_prefix_cannot_change_once_set() {
         install_crd(&client).await.expect("install the CRD");
         let api = resource_api(client, &ns);
         let mut object = example();
-        merge(
+        merge_patch(
             &mut object["spec"],
             &json!({"cache": {"keyPrefix": "ml/churn"}}),
         );

@@ -36,23 +36,8 @@ fn scorer_pod(children: &Children) -> PodSpec {
 
 fn with(resource: &InferenceDeployment, patch: serde_json::Value) -> InferenceDeployment {
     let mut value = serde_json::to_value(resource).expect("json");
-    merge(&mut value, &patch);
+    millrace_e2e::merge_patch(&mut value, &patch);
     serde_json::from_value(value).expect("still a resource")
-}
-
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
 }
 
 #[test]

@@ -19,7 +19,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use millrace_crds::InferenceDeployment;
 use millrace_e2e::redis_server::RedisServer;
-use millrace_e2e::{install_crd, wait_deleted, wait_for, wait_named, with_temp_ns};
+use millrace_e2e::{
+    condition, install_crd, wait_deleted, wait_for, wait_named, wait_ready, with_temp_ns,
+};
 use serde_json::json;
 use support::OperatorProcess;
 
@@ -38,31 +40,6 @@ async fn user_apply(api: &Api<InferenceDeployment>, resource: &InferenceDeployme
     )
     .await
     .expect("apply the resource");
-}
-
-fn condition<'a>(resource: &'a InferenceDeployment, type_: &str) -> Option<&'a str> {
-    resource
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.as_str())
-}
-
-/// Waits until the resource is Ready for its current generation.
-async fn wait_ready(api: &Api<InferenceDeployment>, name: &str) -> InferenceDeployment {
-    wait_named(
-        api,
-        name,
-        "Ready=True for the current generation",
-        |r: &InferenceDeployment| {
-            condition(r, "Ready") == Some("True")
-                && r.status.as_ref().and_then(|s| s.observed_generation) == r.metadata.generation
-        },
-    )
-    .await
-    .expect("the operator makes the resource Ready")
 }
 
 /// The resourceVersion of every child, by kind and name.
@@ -100,7 +77,9 @@ async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() 
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
         user_apply(&api, &example(&redis, json!({}))).await;
-        let ready = wait_ready(&api, "churn").await;
+        let ready = wait_ready(&api, "churn")
+            .await
+            .expect("the operator makes the resource Ready");
         assert_eq!(
             ready
                 .status
@@ -218,7 +197,9 @@ async fn an_example_becomes_its_children_updates_in_place_and_drops_the_batch() 
                 .and_then(|d| d.get("scorer.json").cloned())
                 .is_some_and(|t| t.contains("\"realtimeTTL\": \"2h\""))
         );
-        wait_ready(&api, "churn").await;
+        wait_ready(&api, "churn")
+            .await
+            .expect("the operator makes the resource Ready");
 
         // Removing the batch deletes the CronJob.
         let mut no_batch = example(
@@ -247,7 +228,9 @@ async fn deleting_the_resource_garbage_collects_its_children() {
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
         user_apply(&api, &example(&redis, json!({}))).await;
-        wait_ready(&api, "churn").await;
+        wait_ready(&api, "churn")
+            .await
+            .expect("the operator makes the resource Ready");
         api.delete("churn", &DeleteParams::foreground())
             .await
             .expect("delete");
@@ -270,7 +253,9 @@ async fn a_run_batch_token_creates_exactly_one_job() {
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
         user_apply(&api, &example(&redis, json!({}))).await;
-        wait_ready(&api, "churn").await;
+        wait_ready(&api, "churn")
+            .await
+            .expect("the operator makes the resource Ready");
 
         let annotate =
             |token: &str| json!({"metadata": {"annotations": {"millrace.dev/run-batch": token}}});
@@ -361,7 +346,7 @@ async fn a_spec_only_the_operator_can_reject_is_reported_degraded() {
         )
         .await;
         let degraded = wait_named(&api, "churn", "Degraded=True", |r: &InferenceDeployment| {
-            condition(r, "Degraded") == Some("True")
+            condition(r, "Degraded").is_some_and(|c| c.status == "True")
         })
         .await
         .expect("the operator reports the invalid spec");
@@ -413,7 +398,9 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
 
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
         user_apply(&api, &example(&redis, json!({}))).await;
-        wait_ready(&api, "churn").await;
+        wait_ready(&api, "churn")
+            .await
+            .expect("the operator makes the resource Ready");
         let lease = leases.get("millrace-operator").await.expect("lease");
         assert_eq!(
             lease.spec.and_then(|s| s.holder_identity).as_deref(),
@@ -443,7 +430,9 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
         api.create(&PostParams::default(), &other)
             .await
             .expect("create");
-        wait_ready(&api, "fraud").await;
+        wait_ready(&api, "fraud")
+            .await
+            .expect("the new leader reconciles");
     })
     .await;
 }

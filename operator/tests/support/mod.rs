@@ -103,27 +103,12 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub fn example(redis_url: &str, patch: serde_json::Value) -> millrace_crds::InferenceDeployment {
     let mut value: serde_json::Value =
         serde_yaml_ng::from_str(include_str!("../../../examples/churn.yaml")).expect("example");
-    merge(
+    millrace_e2e::merge_patch(
         &mut value,
         &serde_json::json!({"spec": {"cache": {"redis": {"url": redis_url}}}}),
     );
-    merge(&mut value, &patch);
+    millrace_e2e::merge_patch(&mut value, &patch);
     serde_json::from_value(value).expect("a resource")
-}
-
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
 }
 
 impl Drop for OperatorProcess {
