@@ -91,6 +91,37 @@ mod tests {
         );
     }
 
+    /// The patterns on the fields are literals in attributes; they must stay the ones the
+    /// Rust parsers and docs name.
+    #[test]
+    fn duration_and_cron_fields_carry_the_shared_patterns() {
+        fn patterns(value: &Value, out: &mut Vec<String>) {
+            match value {
+                Value::Object(map) => {
+                    if let Some(Value::String(p)) = map.get("pattern") {
+                        out.push(p.clone());
+                    }
+                    map.values().for_each(|v| patterns(v, out));
+                }
+                Value::Array(items) => items.iter().for_each(|v| patterns(v, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        patterns(&serde_json::to_value(crd()).expect("json"), &mut found);
+        let durations = found
+            .iter()
+            .filter(|p| p.contains("ns|us"))
+            .collect::<Vec<_>>();
+        assert_eq!(durations.len(), 8, "{durations:?}");
+        assert!(
+            durations
+                .iter()
+                .all(|p| *p == crate::spec::duration::DURATION_PATTERN)
+        );
+        assert!(found.iter().any(|p| p == crate::spec::CRON_PATTERN));
+    }
+
     #[test]
     fn every_schema_property_is_documented() {
         fn undocumented(path: &str, schema: &Value, out: &mut Vec<String>) {

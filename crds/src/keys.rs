@@ -125,34 +125,6 @@ fn escape_glob(text: &str) -> String {
     out
 }
 
-/// A batch generation name for a run starting at `start`: `YYYYMMDD-HHMMSS` in UTC, so
-/// generations sort by time.
-pub fn generation_at(start: SystemTime) -> String {
-    let seconds = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// A cached prediction: the value and when it was computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CachedPrediction {
@@ -358,16 +330,5 @@ mod tests {
         assert_eq!(resource_scan_pattern("ml/churn"), "mr:ml/churn:*");
         assert_eq!(escape_glob("a*b?[c]"), "a\\*b\\?\\[c\\]");
         assert_eq!(Keyspace::new("ml/c", "3").scan_pattern(), "mr:ml/c:3:*");
-    }
-
-    #[test]
-    fn generations_are_utc_timestamps() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_796_004_000); // 2026-11-30T02:00:00Z
-        assert_eq!(generation_at(t), "20261130-020000");
-        assert_eq!(generation_at(UNIX_EPOCH), "19700101-000000");
-        assert_eq!(
-            generation_at(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "20000229-000000"
-        );
     }
 }
