@@ -345,3 +345,93 @@ async fn an_unreachable_redis_delays_deletion_only_up_to_the_bound() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn publishing_and_cleanup_work_on_a_redis_cluster() {
+    use millrace_e2e::redis_server::RedisCluster;
+    with_temp_ns("cluster", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let cluster = RedisCluster::start(3);
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let resource = example(
+            &cluster.url(),
+            json!({"spec": {"batch": {"shards": 2}, "cache": {"redis": {"cluster": true}}}}),
+        );
+        api.patch(
+            "churn",
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(&resource),
+        )
+        .await
+        .expect("apply");
+        let resource = millrace_e2e::wait_ready(&api, "churn")
+            .await
+            .expect("ready");
+
+        let mut r = redis::cluster::ClusterClient::new(vec![cluster.url()])
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("connect to the cluster");
+        let ours = Keyspace::new(&format!("{ns}/churn"), "3");
+        let neighbour = Keyspace::new(&format!("{ns}/other"), "3");
+        let generation = manual_job_name(&resource, "cluster-run");
+        let _: () = r
+            .hset_multiple(ours.shards_done(&generation), &[("0", 10), ("1", 20)])
+            .await
+            .expect("hset");
+        // Keys of many entities land on every master.
+        for i in 0..300 {
+            let _: () = r
+                .set(ours.realtime(&format!("user_{i}")), 1)
+                .await
+                .expect("set");
+        }
+        let _: () = r.set(neighbour.realtime("user_1"), 1).await.expect("set");
+
+        run_batch(&api, "cluster-run").await;
+        wait_named(
+            &api,
+            "churn",
+            "the run to be published",
+            |r: &InferenceDeployment| {
+                r.status
+                    .as_ref()
+                    .and_then(|s| s.serving_generation.as_deref())
+                    == Some(generation.as_str())
+            },
+        )
+        .await
+        .expect("published through the cluster");
+        let pointer: String = r.get(ours.serving_pointer()).await.expect("get");
+        assert_eq!(pointer, generation);
+
+        api.delete("churn", &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_deleted(&api, "churn", "the finalizer to finish")
+            .await
+            .expect("deleted");
+        let mut left = Vec::new();
+        for url in cluster.urls() {
+            let mut node = redis::Client::open(url)
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("node");
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut node)
+                .await
+                .expect("keys");
+            left.extend(keys);
+        }
+        assert_eq!(
+            left,
+            [neighbour.realtime("user_1")],
+            "every master was cleaned of this resource's keys only"
+        );
+    })
+    .await;
+}
