@@ -289,7 +289,12 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
     }
 
     // Batch publishing; a Redis outage must not hold back the rest of the status.
-    let batch = record_batch(resource, ctx).await;
+    // Without a batch there is no CronJob, hence no batch Job to record (those of a removed
+    // CronJob go with it): skip the list.
+    let batch = match &applied.cron_job {
+        Some(_) => record_batch(resource, ctx).await,
+        None => Ok(None),
+    };
     let update = batch.as_ref().ok().and_then(Option::as_ref);
     let status = update_status(
         resource,

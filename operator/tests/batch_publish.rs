@@ -20,7 +20,7 @@ use millrace_e2e::{from_json, install_crd, wait_deleted, wait_named, with_temp_n
 use millrace_operator::build::batch::manual_job_name;
 use redis::AsyncCommands;
 use serde_json::json;
-use support::{OperatorProcess, example};
+use support::{OperatorProcess, apply_until_ready, example};
 
 async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(server.url())
@@ -50,18 +50,7 @@ async fn ready_resource(
         &server.url(),
         json!({"spec": {"batch": {"shards": shards}}}),
     );
-    api.patch(
-        "churn",
-        &PatchParams::apply("e2e-user"),
-        &Patch::Apply(&resource),
-    )
-    .await
-    .expect("apply");
-    wait_named(api, "churn", "Ready", |r: &InferenceDeployment| {
-        condition(r, "Ready").is_some_and(|(status, _)| status == "True")
-    })
-    .await
-    .expect("ready")
+    apply_until_ready(api, &resource).await
 }
 
 async fn run_batch(api: &Api<InferenceDeployment>, token: &str) {
@@ -358,16 +347,7 @@ async fn publishing_and_cleanup_work_on_a_redis_cluster() {
             &cluster.url(),
             json!({"spec": {"batch": {"shards": 2}, "cache": {"redis": {"cluster": true}}}}),
         );
-        api.patch(
-            "churn",
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(&resource),
-        )
-        .await
-        .expect("apply");
-        let resource = millrace_e2e::wait_ready(&api, "churn")
-            .await
-            .expect("ready");
+        let resource = apply_until_ready(&api, &resource).await;
 
         let mut r = redis::cluster::ClusterClient::new(vec![cluster.url()])
             .expect("cluster client")

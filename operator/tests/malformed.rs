@@ -13,9 +13,9 @@ use kube::Api;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use millrace_crds::InferenceDeployment;
 use millrace_e2e::redis_server::RedisServer;
-use millrace_e2e::{install_crd, wait_named, with_temp_ns};
+use millrace_e2e::{install_crd, with_temp_ns};
 use serde_json::json;
-use support::{OperatorProcess, example};
+use support::{OperatorProcess, apply_until_ready, example};
 
 #[tokio::test]
 async fn a_malformed_object_is_skipped_and_the_others_are_reconciled() {
@@ -57,28 +57,8 @@ async fn a_malformed_object_is_skipped_and_the_others_are_reconciled() {
         let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        let resource = example(&redis.url(), json!({}));
-        api.patch(
-            "churn",
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(&resource),
-        )
-        .await
-        .expect("apply");
-        wait_named(
-            &api,
-            "churn",
-            "Ready despite the malformed neighbour",
-            |r: &InferenceDeployment| {
-                r.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            },
-        )
-        .await
-        .expect("the watch survives the malformed object");
+        // Ready despite the malformed neighbour: the watch survived it.
+        apply_until_ready(&api, &example(&redis.url(), json!({}))).await;
         dynamic
             .delete("garbage", &Default::default())
             .await

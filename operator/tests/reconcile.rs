@@ -23,23 +23,12 @@ use millrace_e2e::{
     condition, install_crd, wait_deleted, wait_for, wait_named, wait_ready, with_temp_ns,
 };
 use serde_json::json;
-use support::OperatorProcess;
+use support::{OperatorProcess, apply_until_ready, user_apply};
 
 const SELECTOR: &str = "millrace.dev/inference-deployment=churn";
 
 fn example(redis: &RedisServer, patch: serde_json::Value) -> InferenceDeployment {
     support::example(&redis.url(), patch)
-}
-
-/// Applies `resource` as a user would (`kubectl apply --server-side`).
-async fn user_apply(api: &Api<InferenceDeployment>, resource: &InferenceDeployment) {
-    api.patch(
-        &resource.name_any(),
-        &PatchParams::apply("e2e-user").force(),
-        &Patch::Apply(resource),
-    )
-    .await
-    .expect("apply the resource");
 }
 
 /// The resourceVersion of every child, by kind and name.
@@ -227,10 +216,7 @@ async fn deleting_the_resource_garbage_collects_its_children() {
         let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(&redis, json!({}))).await;
-        wait_ready(&api, "churn")
-            .await
-            .expect("the operator makes the resource Ready");
+        apply_until_ready(&api, &example(&redis, json!({}))).await;
         api.delete("churn", &DeleteParams::foreground())
             .await
             .expect("delete");
@@ -252,10 +238,7 @@ async fn a_run_batch_token_creates_exactly_one_job() {
         let redis = RedisServer::start();
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(&redis, json!({}))).await;
-        wait_ready(&api, "churn")
-            .await
-            .expect("the operator makes the resource Ready");
+        apply_until_ready(&api, &example(&redis, json!({}))).await;
 
         let annotate =
             |token: &str| json!({"metadata": {"annotations": {"millrace.dev/run-batch": token}}});
@@ -397,10 +380,7 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
         let _second = OperatorProcess::start(&ns, "second");
 
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
-        user_apply(&api, &example(&redis, json!({}))).await;
-        wait_ready(&api, "churn")
-            .await
-            .expect("the operator makes the resource Ready");
+        apply_until_ready(&api, &example(&redis, json!({}))).await;
         let lease = leases.get("millrace-operator").await.expect("lease");
         assert_eq!(
             lease.spec.and_then(|s| s.holder_identity).as_deref(),

@@ -14,7 +14,7 @@ use millrace_crds::InferenceDeployment;
 use millrace_e2e::redis_server::RedisServer;
 use millrace_e2e::{install_crd, wait_named, with_temp_ns};
 use serde_json::json;
-use support::{OperatorProcess, example, free_port, http_get};
+use support::{OperatorProcess, apply_until_ready, example, free_port, http_get};
 
 async fn create_and_wait_ready(
     client: &Client,
@@ -22,23 +22,7 @@ async fn create_and_wait_ready(
     redis: &RedisServer,
 ) -> InferenceDeployment {
     let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), ns);
-    let resource = example(&redis.url(), json!({}));
-    api.patch(
-        "churn",
-        &PatchParams::apply("e2e-user"),
-        &Patch::Apply(&resource),
-    )
-    .await
-    .expect("apply");
-    wait_named(&api, "churn", "Ready", |r: &InferenceDeployment| {
-        r.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
-    })
-    .await
-    .expect("ready")
+    apply_until_ready(&api, &example(&redis.url(), json!({}))).await
 }
 
 /// The value of a sample line `name value` in Prometheus text.

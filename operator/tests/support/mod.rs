@@ -74,6 +74,35 @@ impl OperatorProcess {
     }
 }
 
+/// Applies `resource` as a user would (`kubectl apply --server-side`).
+pub async fn user_apply(
+    api: &kube::Api<millrace_crds::InferenceDeployment>,
+    resource: &millrace_crds::InferenceDeployment,
+) {
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    api.patch(
+        &resource.name_any(),
+        &PatchParams::apply("e2e-user").force(),
+        &Patch::Apply(resource),
+    )
+    .await
+    .expect("apply the resource");
+}
+
+/// Applies `resource` as a user and waits until the operator has made it Ready for its
+/// current generation.
+pub async fn apply_until_ready(
+    api: &kube::Api<millrace_crds::InferenceDeployment>,
+    resource: &millrace_crds::InferenceDeployment,
+) -> millrace_crds::InferenceDeployment {
+    use kube::ResourceExt;
+    user_apply(api, resource).await;
+    millrace_e2e::wait_ready(api, &resource.name_any())
+        .await
+        .expect("the operator makes the resource Ready")
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
