@@ -11,6 +11,7 @@
 //! | `mr:{ks}:{version}:rt:{{id}}` | a real-time prediction |
 //! | `mr:{ks}:{version}:serving` | the published generation scorers read |
 //! | `mr:{ks}:{version}:g:{generation}:done` | hash: shard index → predictions it wrote, per finished shard of G |
+//! | `mr:{ks}:{version}:traffic` | hash: scorer pod → its latest [`crate::traffic::TrafficWindow`] |
 //!
 //! The entity id is wrapped in a Redis Cluster hash tag (`{...}`), so one entity's batch and
 //! real-time keys share a slot (one `MGET` answers "batch or real-time cached?") while
@@ -99,6 +100,12 @@ impl Keyspace {
     /// A retried shard overwrites its own field, so the count stays exact.
     pub fn shards_done(&self, generation: &str) -> String {
         format!("{}g:{generation}:done", self.base)
+    }
+
+    /// The hash where every scorer pod publishes its latest traffic window (field = pod name),
+    /// what the autoscaler reads without a Prometheus server.
+    pub fn traffic(&self) -> String {
+        format!("{}traffic", self.base)
     }
 
     /// A `SCAN MATCH` pattern for every key of this version.
@@ -248,6 +255,7 @@ mod tests {
         assert_eq!(ks.realtime("user_42"), "mr:ml/churn:3:rt:{user_42}");
         assert_eq!(ks.serving_pointer(), "mr:ml/churn:3:serving");
         assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");
+        assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod keys;
 pub mod spec;
 pub mod status;
+pub mod traffic;
 
 pub use spec::{InferenceDeployment, InferenceDeploymentSpec};
 pub use status::InferenceDeploymentStatus;

@@ -1,6 +1,6 @@
-//! The scorer's command line: one binary, one image, a subcommand per job. `serve`,
-//! `batch` and `warm` arrive with their issues; `fetch-model` is the operator's init
-//! container.
+//! The scorer's command line: one binary, one image, a subcommand per job: `serve` (the
+//! online path), `fetch-model` (the operator's init container); `batch` and `warm` arrive
+//! with their issue.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use crate::fetch::fetch_model;
+use crate::serve::{ServeArgs, run as serve};
 
 /// Serves, precomputes and warms Millrace predictions.
 #[derive(Parser, Debug)]
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Answer predictions over HTTP: memory, Redis, real-time ONNX inference, default.
+    Serve(ServeArgs),
     /// Download the model (s3://, https://, file://) to a local path, verifying its
     /// SHA-256; the scorer pods' init container.
     FetchModel {
@@ -48,6 +51,13 @@ impl Cli {
             .with_writer(std::io::stderr)
             .init();
         match cli.command {
+            Command::Serve(args) => match serve(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::FetchModel { uri, dest, sha256 } => {
                 match fetch_model(&uri, &dest, sha256.as_deref()).await {
                     Ok(fetched) => {

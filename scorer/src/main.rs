@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+// Many small, short-lived allocations per request: mimalloc keeps them cheap and RSS flat.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     millrace_scorer::cli::Cli::parse_and_run().await

@@ -43,6 +43,15 @@ pub enum ModelError {
     Run(String),
 }
 
+/// How the ONNX Runtime session runs, beyond the model contract.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionOptions {
+    /// Threads one inference may use; `None` lets ONNX Runtime decide (one per core).
+    /// The online path uses one: its batches are small, and spinning pool threads would take
+    /// cores from the HTTP and Redis work beside them.
+    pub intra_op_threads: Option<usize>,
+}
+
 /// A loaded model.
 pub struct Model {
     session: Mutex<Session>,
@@ -73,6 +82,25 @@ impl Model {
         output: Option<&str>,
         providers: &[ExecutionProvider],
     ) -> Result<Self, ModelError> {
+        Self::load_with(
+            path,
+            features,
+            input_tensor,
+            output,
+            providers,
+            SessionOptions::default(),
+        )
+    }
+
+    /// [`Model::load`] with explicit session options.
+    pub fn load_with(
+        path: &Path,
+        features: usize,
+        input_tensor: Option<&str>,
+        output: Option<&str>,
+        providers: &[ExecutionProvider],
+        options: SessionOptions,
+    ) -> Result<Self, ModelError> {
         let environment = environment()?;
         let load_error = |message: String| ModelError::Load {
             path: path.display().to_string(),
@@ -90,7 +118,15 @@ impl Model {
                 );
                 continue;
             };
-            let builder = Session::builder(environment).map_err(|e| load_error(e.to_string()))?;
+            let mut builder =
+                Session::builder(environment).map_err(|e| load_error(e.to_string()))?;
+            if let Some(threads) = options.intra_op_threads {
+                builder = builder
+                    .with_intra_threads(threads)
+                    .map_err(|e| load_error(e.to_string()))?
+                    .with_intra_op_spinning(false)
+                    .map_err(|e| load_error(e.to_string()))?;
+            }
             let session = builder
                 .with_execution_providers([dispatch.error_on_failure()])
                 .map_err(|e| e.to_string())
@@ -156,6 +192,16 @@ impl Model {
     /// Features per row.
     pub fn features(&self) -> usize {
         self.features
+    }
+
+    /// The input tensor's name.
+    pub fn input_name(&self) -> &str {
+        &self.input
+    }
+
+    /// The output tensor's name.
+    pub fn output_name(&self) -> &str {
+        &self.output
     }
 
     /// Scores `rows` (row-major, `features` values per row): one prediction per row, the

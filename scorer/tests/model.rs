@@ -5,8 +5,9 @@
 //! Needs ORT_DYLIB_PATH (`eval "$(scripts/env.sh)"`, as `make test` does) and the project
 //! venv (`scripts/setup.sh`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod support;
+
+use std::path::Path;
 
 use millrace_crds::spec::ExecutionProvider;
 use millrace_scorer::model::{Model, ModelError};
@@ -16,18 +17,7 @@ const ROWS: usize = 64;
 
 /// Makes the model and its expected outputs with the venv's onnx and onnxruntime.
 fn make_model(dir: &Path) -> (Vec<f32>, Vec<f32>) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("scorer/tests/support/make_model.py"))
-        .arg(dir)
-        .args([FEATURES.to_string(), ROWS.to_string()])
-        .status()
-        .expect("the project venv (scripts/setup.sh)");
-    assert!(status.success(), "make_model.py failed");
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
-    let rows: Vec<Vec<f32>> = serde_json::from_str(&read("rows.json")).expect("rows");
-    let expected: Vec<f32> = serde_json::from_str(&read("expected.json")).expect("expected");
-    (rows.concat(), expected)
+    support::make_model(dir, FEATURES, ROWS)
 }
 
 fn load(path: &Path, features: usize, output: Option<&str>) -> Result<Model, ModelError> {

@@ -1,0 +1,192 @@
+//! The micro-batcher: real-time inferences from concurrent requests share ONNX runs.
+//!
+//! One inference thread owns the model. It takes the first waiting job, then gathers more
+//! until the batch holds `max_rows` rows or the first job has waited `max_delay` (Triton's
+//! "max queue delay"): under load batches fill from the queue at no extra latency; a lone
+//! request waits at most `max_delay`. Jobs whose caller gave up are skipped, not computed.
+//! The queue is bounded: when it is full the caller is told at once (`Overloaded`) and falls
+//! down the chain instead of queueing past its latency budget.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use crate::model::Model;
+
+use super::metrics::Metrics;
+
+/// Why a real-time inference did not produce predictions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InferError {
+    /// The queue is full.
+    #[error("the inference queue is full")]
+    Overloaded,
+    /// The deadline passed first.
+    #[error("the latency budget ran out before inference finished")]
+    Timeout,
+    /// The model failed.
+    #[error("{0}")]
+    Model(String),
+    /// The inference thread is gone (shutting down).
+    #[error("the inference thread has stopped")]
+    Stopped,
+}
+
+struct Job {
+    rows: Vec<f32>,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Vec<f32>, InferError>>,
+}
+
+/// The handle requests submit rows through.
+#[derive(Clone)]
+pub struct MicroBatcher {
+    queue: SyncSender<Job>,
+    features: usize,
+}
+
+/// How the batcher batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    /// Most rows in one ONNX run (a single larger job still runs, alone).
+    pub max_rows: usize,
+    /// How long the first job of a batch may wait for company.
+    pub max_delay: Duration,
+    /// Jobs that may wait in the queue.
+    pub queue: usize,
+}
+
+impl MicroBatcher {
+    /// Starts the inference thread for `model`. It ends when every handle is dropped.
+    pub fn start(
+        model: Arc<Model>,
+        policy: BatchPolicy,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (queue, jobs) = std::sync::mpsc::sync_channel(policy.queue.max(1));
+        let features = model.features();
+        let thread = std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || run(&model, &jobs, policy, &metrics))?;
+        Ok((Self { queue, features }, thread))
+    }
+
+    /// Scores `rows` (whole rows, row-major) before `deadline`.
+    pub async fn infer(&self, rows: Vec<f32>, deadline: Instant) -> Result<Vec<f32>, InferError> {
+        if rows.is_empty() || !rows.len().is_multiple_of(self.features) {
+            return Err(InferError::Model(format!(
+                "expected a multiple of {} values, got {}",
+                self.features,
+                rows.len()
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            rows,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(InferError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => return Err(InferError::Stopped),
+        }
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(InferError::Stopped),
+            Err(_) => Err(InferError::Timeout),
+        }
+    }
+}
+
+fn run(model: &Model, jobs: &Receiver<Job>, policy: BatchPolicy, metrics: &Metrics) {
+    let features = model.features();
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+        };
+        let flush_at = first.enqueued + policy.max_delay;
+        let mut rows = first.rows.len() / features;
+        let mut batch = vec![first];
+        while rows < policy.max_rows {
+            let next = match jobs.try_recv() {
+                Ok(job) => Some(job),
+                Err(TryRecvError::Disconnected) => None,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= flush_at {
+                        None
+                    } else {
+                        jobs.recv_timeout(flush_at - now).ok()
+                    }
+                }
+            };
+            let Some(job) = next else { break };
+            let job_rows = job.rows.len() / features;
+            if rows + job_rows > policy.max_rows {
+                carried = Some(job);
+                break;
+            }
+            rows += job_rows;
+            batch.push(job);
+        }
+        run_batch(model, batch, metrics);
+    }
+    info!("inference thread stopped");
+}
+
+fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
+    let now = Instant::now();
+    let (live, abandoned): (Vec<Job>, Vec<Job>) = batch
+        .into_iter()
+        .partition(|job| !job.reply.is_closed() && job.deadline > now);
+    for job in abandoned {
+        let _ = job.reply.send(Err(InferError::Timeout));
+    }
+    if live.is_empty() {
+        return;
+    }
+    let features = model.features();
+    let total: usize = live.iter().map(|job| job.rows.len()).sum();
+    let mut input = Vec::with_capacity(total);
+    for job in &live {
+        input.extend_from_slice(&job.rows);
+    }
+    metrics.observe_batch(total / features);
+    match model.predict(&input) {
+        Ok(predictions) => {
+            let mut at = 0;
+            for job in live {
+                let n = job.rows.len() / features;
+                let answer = predictions
+                    .get(at..at + n)
+                    .map(<[f32]>::to_vec)
+                    .ok_or_else(|| {
+                        InferError::Model(format!(
+                            "the model returned {} predictions for {} rows",
+                            predictions.len(),
+                            total / features
+                        ))
+                    });
+                let _ = job.reply.send(answer);
+                at += n;
+            }
+        }
+        Err(e) => {
+            error!(error = %e, rows = total / features, "real-time inference failed");
+            for job in live {
+                let _ = job.reply.send(Err(InferError::Model(e.to_string())));
+            }
+        }
+    }
+}

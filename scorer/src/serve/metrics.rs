@@ -1,0 +1,267 @@
+//! Prometheus metrics of the scorer, under the `millrace_scorer` prefix.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label with one bounded value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// memory, batch, realtime or default (or none, for a request nothing answered).
+    pub source: &'static str,
+}
+
+/// Hits and misses of one tier.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabel {
+    /// memory or redis.
+    pub tier: &'static str,
+    /// hit or miss.
+    pub result: &'static str,
+}
+
+/// A bounded reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// A Redis operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    /// lookup, features, write_back, generation, traffic.
+    pub operation: &'static str,
+}
+
+/// A model input (bounded by the model's inputs).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeatureLabel {
+    /// The input's name.
+    pub feature: String,
+}
+
+/// The model in use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// The model version.
+    pub version: String,
+    /// The execution provider that loaded it.
+    pub provider: String,
+}
+
+/// The scorer's metrics.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    requests: Family<SourceLabel, Counter>,
+    latency: Family<SourceLabel, Histogram>,
+    lookups: Family<LookupLabel, Counter>,
+    batch_rows: Histogram,
+    inference_failures: Family<ReasonLabel, Counter>,
+    redis_errors: Family<OperationLabel, Counter>,
+    circuit_state: Gauge,
+    defaults: Family<ReasonLabel, Counter>,
+    stale: Counter,
+    missing_features: Family<FeatureLabel, Counter>,
+    corrupt_values: Counter,
+    rejected: Family<ReasonLabel, Counter>,
+    model: Family<ModelLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("millrace_scorer");
+        let requests = Family::<SourceLabel, Counter>::default();
+        // 50 µs to ~1.6 s: memory hits sit at the bottom, budget-bound misses near the top.
+        let latency = Family::<SourceLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        });
+        let lookups = Family::<LookupLabel, Counter>::default();
+        let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        let inference_failures = Family::<ReasonLabel, Counter>::default();
+        let redis_errors = Family::<OperationLabel, Counter>::default();
+        let circuit_state = Gauge::default();
+        let defaults = Family::<ReasonLabel, Counter>::default();
+        let stale = Counter::default();
+        let missing_features = Family::<FeatureLabel, Counter>::default();
+        let corrupt_values = Counter::default();
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        let model = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "requests",
+            "Predictions answered, by the tier that answered",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer one prediction, by the tier that answered",
+            latency.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Cache lookups by tier and result",
+            lookups.clone(),
+        );
+        registry.register(
+            "microbatch_rows",
+            "Rows per real-time ONNX run",
+            batch_rows.clone(),
+        );
+        registry.register(
+            "realtime_failures",
+            "Real-time inferences that produced nothing, by reason",
+            inference_failures.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed or timed out, by operation",
+            redis_errors.clone(),
+        );
+        registry.register(
+            "redis_circuit_state",
+            "The Redis circuit breaker: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        registry.register(
+            "defaults_served",
+            "Answers that were the configured default, by reason",
+            defaults.clone(),
+        );
+        registry.register(
+            "stale_served",
+            "Batch predictions served past maxStaleness because recomputing failed",
+            stale.clone(),
+        );
+        registry.register(
+            "missing_features",
+            "Real-time rows with an input no source supplied, by input",
+            missing_features.clone(),
+        );
+        registry.register(
+            "corrupt_values",
+            "Cached values that could not be decoded (treated as misses)",
+            corrupt_values.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "Requests refused with a 4xx, by reason",
+            rejected.clone(),
+        );
+        registry.register(
+            "model_info",
+            "1 for the loaded model version and the execution provider in use",
+            model.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            lookups,
+            batch_rows,
+            inference_failures,
+            redis_errors,
+            circuit_state,
+            defaults,
+            stale,
+            missing_features,
+            corrupt_values,
+            rejected,
+            model,
+        }
+    }
+}
+
+impl Metrics {
+    /// One prediction answered by `source` in `elapsed`.
+    pub fn answered(&self, source: &'static str, elapsed: Duration) {
+        let label = SourceLabel { source };
+        self.requests.get_or_create(&label).inc();
+        self.latency
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A lookup in `tier` that hit or missed.
+    pub fn lookup(&self, tier: &'static str, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.lookups
+            .get_or_create(&LookupLabel { tier, result })
+            .inc();
+    }
+
+    /// One micro-batch of `rows` rows.
+    pub fn observe_batch(&self, rows: usize) {
+        self.batch_rows.observe(rows as f64);
+    }
+
+    /// A real-time inference that failed for `reason`.
+    pub fn inference_failed(&self, reason: &'static str) {
+        self.inference_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A Redis call that failed.
+    pub fn redis_error(&self, operation: &'static str) {
+        self.redis_errors
+            .get_or_create(&OperationLabel { operation })
+            .inc();
+    }
+
+    /// The breaker's state.
+    pub fn circuit(&self, state: super::breaker::CircuitState) {
+        self.circuit_state.set(state as i64);
+    }
+
+    /// A default answer.
+    pub fn default_served(&self, reason: &'static str) {
+        self.defaults.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// A stale batch prediction served.
+    pub fn stale_served(&self) {
+        self.stale.inc();
+    }
+
+    /// An input filled for lack of a value.
+    pub fn missing_feature(&self, feature: &str) {
+        self.missing_features
+            .get_or_create(&FeatureLabel {
+                feature: feature.to_string(),
+            })
+            .inc();
+    }
+
+    /// An undecodable cached value.
+    pub fn corrupt_value(&self) {
+        self.corrupt_values.inc();
+    }
+
+    /// A request refused with a 4xx.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Records the model in use.
+    pub fn model_loaded(&self, version: &str, provider: &str) {
+        self.model
+            .get_or_create(&ModelLabel {
+                version: version.to_string(),
+                provider: provider.to_string(),
+            })
+            .set(1);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &self.registry)?;
+        Ok(body)
+    }
+}

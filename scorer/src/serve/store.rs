@@ -1,0 +1,304 @@
+//! The Redis tier: cached predictions (the serving batch generation and the real-time key in
+//! one round trip), the online feature store, real-time write-backs, the serving pointer and
+//! the traffic windows the autoscaler reads.
+//!
+//! Every call goes through the circuit breaker and carries a deadline, so a Redis that is
+//! down or slow costs a request at most its share of the latency budget, and nothing while
+//! the circuit is open. The connection is made lazily and remade by `redis`' connection
+//! manager (or cluster client), so the scorer starts and serves with Redis down and recovers
+//! on its own when Redis returns.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use millrace_crds::keys::{CachedPrediction, Keyspace};
+use millrace_crds::traffic::TrafficWindow;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, RedisError};
+use tracing::{info, warn};
+
+use super::breaker::{BreakerPolicy, CircuitBreaker, Transition};
+use super::metrics::Metrics;
+
+/// Longest any single Redis call may take, whatever budget is left.
+const CALL_CEILING: Duration = Duration::from_secs(1);
+
+/// Why the Redis tier gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// The circuit is open: Redis was failing, so it was not called.
+    #[error("redis circuit open")]
+    CircuitOpen,
+    /// The call did not finish in time.
+    #[error("redis call timed out")]
+    Timeout,
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, RedisError> {
+        let value = match self {
+            Connection::Single(c) => c.req_packed_command(cmd).await?,
+            Connection::Cluster(c) => c.req_packed_command(cmd).await?,
+        };
+        Ok(redis::from_redis_value(value)?)
+    }
+}
+
+/// What one lookup found for an entity.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Found {
+    /// The serving generation's batch prediction.
+    pub batch: Option<CachedPrediction>,
+    /// The cached real-time prediction.
+    pub realtime: Option<CachedPrediction>,
+}
+
+/// The Redis tier.
+pub struct RedisTier {
+    url: String,
+    cluster: bool,
+    keyspace: Keyspace,
+    connection: Mutex<Option<Connection>>,
+    connecting: tokio::sync::Mutex<()>,
+    breaker: CircuitBreaker,
+    generation: RwLock<Option<Arc<str>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisTier {
+    /// A tier for `url` (a cluster node's URL when `cluster`); connects on first use.
+    pub fn new(
+        url: String,
+        cluster: bool,
+        keyspace: Keyspace,
+        breaker: BreakerPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            url,
+            cluster,
+            keyspace,
+            connection: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            breaker: CircuitBreaker::new(breaker),
+            generation: RwLock::new(None),
+            metrics,
+        }
+    }
+
+    fn cached_connection(&self) -> Option<Connection> {
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn connection(&self) -> Result<Connection, RedisError> {
+        if let Some(c) = self.cached_connection() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.cached_connection() {
+            return Ok(c);
+        }
+        let connection = if self.cluster {
+            let client = ClusterClient::builder(vec![self.url.as_str()])
+                .connection_timeout(CALL_CEILING)
+                .response_timeout(CALL_CEILING)
+                .build()?;
+            Connection::Cluster(client.get_async_connection().await?)
+        } else {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CALL_CEILING))
+                .set_response_timeout(Some(CALL_CEILING))
+                .set_number_of_retries(1);
+            let client = redis::Client::open(self.url.as_str())?;
+            Connection::Single(client.get_connection_manager_with_config(config).await?)
+        };
+        info!(cluster = self.cluster, "connected to redis");
+        *self
+            .connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs `cmd` through the breaker within `timeout`.
+    async fn call<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        cmd: &Cmd,
+        timeout: Duration,
+    ) -> Result<T, TierError> {
+        if !self.breaker.allow(Instant::now()) {
+            self.publish_circuit();
+            return Err(TierError::CircuitOpen);
+        }
+        let attempt = async {
+            let mut connection = self.connection().await?;
+            connection.query::<T>(cmd).await
+        };
+        let result = match tokio::time::timeout(timeout.min(CALL_CEILING), attempt).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(TierError::Redis(e)),
+            Err(_) => Err(TierError::Timeout),
+        };
+        let transition = match &result {
+            Ok(_) => self.breaker.record_success(),
+            // A reply of the wrong type is our bug or bad data, not Redis being down.
+            Err(TierError::Redis(e)) if e.kind() == redis::ErrorKind::UnexpectedReturnType => {
+                self.metrics.redis_error(operation);
+                Transition::None
+            }
+            Err(_) => {
+                self.metrics.redis_error(operation);
+                self.breaker.record_failure(Instant::now())
+            }
+        };
+        match transition {
+            Transition::Opened => warn!(
+                error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                "redis is failing: circuit opened, answering from memory, model or default"
+            ),
+            Transition::Closed => info!("redis is back: circuit closed"),
+            Transition::None => {}
+        }
+        if transition != Transition::None {
+            self.publish_circuit();
+        }
+        result
+    }
+
+    fn publish_circuit(&self) {
+        self.metrics.circuit(self.breaker.state());
+    }
+
+    /// The batch generation scorers currently read, if one is published.
+    pub fn generation(&self) -> Option<Arc<str>> {
+        self.generation
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the serving pointer. A failure keeps the last known generation: Redis being
+    /// briefly away must not make every batch prediction a miss.
+    pub async fn refresh_generation(&self) -> Result<Option<Arc<str>>, TierError> {
+        let pointer: Option<String> = self
+            .call(
+                "generation",
+                redis::cmd("GET").arg(self.keyspace.serving_pointer()),
+                CALL_CEILING,
+            )
+            .await?;
+        let generation = pointer.map(Arc::<str>::from);
+        let mut current = self
+            .generation
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current != generation {
+            info!(generation = ?generation.as_deref(), "serving batch generation changed");
+            *current = generation.clone();
+        }
+        Ok(generation)
+    }
+
+    /// One round trip for `id`: the serving generation's batch prediction and the real-time
+    /// one (same hash tag, so one `MGET` even on Redis Cluster). Undecodable values count as
+    /// absent, never as predictions.
+    pub async fn lookup(&self, id: &str, timeout: Duration) -> Result<Found, TierError> {
+        let generation = self.generation();
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(self.keyspace.realtime(id));
+        if let Some(generation) = &generation {
+            cmd.arg(self.keyspace.batch(generation, id));
+        }
+        let values: Vec<Option<Vec<u8>>> = self.call("lookup", &cmd, timeout).await?;
+        let decode = |value: Option<&Option<Vec<u8>>>| {
+            let bytes = value?.as_ref()?;
+            match CachedPrediction::decode(bytes) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.metrics.corrupt_value();
+                    None
+                }
+            }
+        };
+        Ok(Found {
+            realtime: decode(values.first()),
+            batch: decode(values.get(1)),
+        })
+    }
+
+    /// The online store's values of `fields` in hash `key` (one `HMGET`).
+    pub async fn online_features(
+        &self,
+        key: &str,
+        fields: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<Option<String>>, TierError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg(fields);
+        self.call("features", &cmd, timeout).await
+    }
+
+    /// Writes `id`'s real-time prediction with `ttl` (in the background: the answer does
+    /// not wait for it).
+    pub fn write_back(self: &Arc<Self>, id: &str, prediction: CachedPrediction, ttl: Duration) {
+        let tier = Arc::clone(self);
+        let key = self.keyspace.realtime(id);
+        tokio::spawn(async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg(&prediction.encode()[..])
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64);
+            let _: Result<(), _> = tier.call("write_back", &cmd, CALL_CEILING).await;
+        });
+    }
+
+    /// Publishes this pod's traffic `window` under `pod`; the hash expires after `keep` so
+    /// records of vanished pods do not live forever.
+    pub async fn publish_traffic(
+        &self,
+        pod: &str,
+        window: TrafficWindow,
+        keep: Duration,
+    ) -> Result<(), TierError> {
+        let key = self.keyspace.traffic();
+        let mut cmd = redis::cmd("EVAL");
+        // HSET + PEXPIRE as one script keeps it one round trip on a cluster connection too.
+        cmd.arg("redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); return redis.call('PEXPIRE', KEYS[1], ARGV[3])")
+            .arg(1)
+            .arg(&key)
+            .arg(pod)
+            .arg(&window.encode()[..])
+            .arg(keep.as_millis() as u64);
+        let _: i64 = self.call("traffic", &cmd, CALL_CEILING).await?;
+        Ok(())
+    }
+
+    /// Removes this pod's traffic record (on shutdown: a pod that is gone has no traffic).
+    pub async fn remove_traffic(&self, pod: &str) -> Result<(), TierError> {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(self.keyspace.traffic()).arg(pod);
+        let _: i64 = self.call("traffic", &cmd, CALL_CEILING).await?;
+        Ok(())
+    }
+
+    /// The breaker's state.
+    pub fn circuit(&self) -> super::breaker::CircuitState {
+        self.breaker.state()
+    }
+}

@@ -1,0 +1,280 @@
+//! Shared helpers of the scorer's integration tests: real models made with the venv's
+//! `onnx`, the scorer binary as a real process, and a small HTTP client.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use millrace_crds::config::{CacheConfig, ModelConfig, ResourceRef, ScorerConfig, ServingConfig};
+use millrace_crds::spec::{
+    ExecutionProvider, FallbackSpec, FeaturesSpec, MemoryCacheSpec, MicroBatchSpec, Topology,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Makes `dir/model.onnx` (`features` inputs) with `rows` sample rows and ONNX Runtime
+/// Python's outputs for them.
+pub fn make_model(dir: &Path, features: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let status = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scorer/tests/support/make_model.py"))
+        .arg(dir)
+        .args([features.to_string(), rows.to_string()])
+        .status()
+        .expect("the project venv (scripts/setup.sh)");
+    assert!(status.success(), "make_model.py failed");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
+    let rows: Vec<Vec<f32>> = serde_json::from_str(&read("rows.json")).expect("rows");
+    let expected: Vec<f32> = serde_json::from_str(&read("expected.json")).expect("expected");
+    (rows.concat(), expected)
+}
+
+/// A scorer config for `model` with `inputs`, memory on, fill policy, default 0.5.
+pub fn config(model: &Path, inputs: &[&str]) -> ScorerConfig {
+    ScorerConfig {
+        resource: ResourceRef {
+            namespace: "ml".into(),
+            name: "churn".into(),
+        },
+        model: ModelConfig {
+            uri: format!("file://{}", model.display()),
+            path: model.display().to_string(),
+            version: "3".into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            input_tensor: None,
+            output: Some("y".into()),
+            sha256: None,
+        },
+        execution_providers: vec![ExecutionProvider::Cpu],
+        key_prefix: "ml/churn".into(),
+        cache: CacheConfig {
+            redis_cluster: false,
+            batch_ttl: "24h".into(),
+            realtime_ttl: "1h".into(),
+            max_staleness: "12h".into(),
+            memory: MemoryCacheSpec {
+                max_entries: 10_000,
+                ttl: "30s".into(),
+            },
+        },
+        features: FeaturesSpec {
+            online: Some(millrace_crds::spec::OnlineFeatures {
+                hash_prefix: "features:".into(),
+            }),
+            ..FeaturesSpec::default()
+        },
+        serving: ServingConfig {
+            port: 8080,
+            topology: Topology::Unified,
+            latency_budget: "200ms".into(),
+            fallback: FallbackSpec { default: Some(0.5) },
+            micro_batch: MicroBatchSpec {
+                max_batch_size: 64,
+                max_delay: "2ms".into(),
+            },
+        },
+        batch: None,
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `millrace-scorer serve` as a real process; killed when dropped.
+pub struct Scorer {
+    child: Option<Child>,
+    /// Its HTTP port.
+    pub port: u16,
+    /// The pod name it publishes traffic under.
+    pub pod: String,
+    dir: tempfile::TempDir,
+}
+
+impl Scorer {
+    /// Starts the scorer on `config` against `redis_url` with `extra` flags, and waits for
+    /// `/readyz`.
+    pub async fn start(config: &ScorerConfig, redis_url: &str, extra: &[&str]) -> Self {
+        let scorer = Self::spawn(config, redis_url, extra);
+        scorer.wait_ready().await;
+        scorer
+    }
+
+    /// Starts the scorer without waiting.
+    pub fn spawn(config: &ScorerConfig, redis_url: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("scorer.json");
+        std::fs::write(&path, serde_json::to_string(config).expect("json")).expect("write");
+        let port = free_port();
+        let pod = format!("scorer-test-{port}");
+        let log = std::fs::File::create(dir.path().join("scorer.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .args(["--redis-url", redis_url])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--pod-name", &pod])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the scorer binary");
+        Self {
+            child: Some(child),
+            port,
+            pod,
+            dir,
+        }
+    }
+
+    /// Waits until `/readyz` answers 200 (or fails the test with the log).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((200, _)) = try_request(self.port, "GET", "/readyz", None).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the scorer never became ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// What the scorer logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("scorer.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, returning its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the scorer did not exit in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path`, expecting an answer.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        request_json(self.port, "GET", path, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        request_json(self.port, "POST", path, Some(&body.to_string())).await
+    }
+
+    /// A metric's value: the sum of every sample whose line starts with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let (status, text) = try_request(self.port, "GET", "/metrics", None)
+            .await
+            .expect("metrics");
+        assert_eq!(status, 200);
+        text.lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Scorer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A request with a JSON body (`application/json`); the status and the body parsed as JSON
+/// (a non-JSON body becomes a JSON string).
+pub async fn request_json(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (status, text) = try_request(port, method, path, body)
+        .await
+        .unwrap_or_else(|| panic!("no answer to {method} {path}"));
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, value)
+}
+
+/// One HTTP/1.0 request; `None` when nothing listens.
+pub async fn try_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
+    raw_request(port, method, path, body.map(|b| ("application/json", b))).await
+}
+
+/// One HTTP/1.0 request with an explicit content type.
+pub async fn raw_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some((content_type, body)) = body {
+        head.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    if let Some((_, body)) = body {
+        stream.write_all(body.as_bytes()).await.ok()?;
+    }
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8_lossy(&response).to_string();
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
