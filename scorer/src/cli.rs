@@ -1,6 +1,6 @@
 //! The scorer's command line: one binary, one image, a subcommand per job: `serve` (the
-//! online path), `fetch-model` (the operator's init container); `batch` and `warm` arrive
-//! with their issue.
+//! online path), `batch` (one shard of a precompute run), `fetch-model` (the operator's init
+//! container).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
+use crate::batch::{BatchArgs, run as batch};
 use crate::fetch::fetch_model;
 use crate::serve::{ServeArgs, run as serve};
 
@@ -24,6 +25,8 @@ pub struct Cli {
 enum Command {
     /// Answer predictions over HTTP: memory, Redis, real-time ONNX inference, default.
     Serve(ServeArgs),
+    /// Score one shard of the offline feature table into Redis under a new generation.
+    Batch(BatchArgs),
     /// Download the model (s3://, https://, file://) to a local path, verifying its
     /// SHA-256; the scorer pods' init container.
     FetchModel {
@@ -51,6 +54,13 @@ impl Cli {
             .with_writer(std::io::stderr)
             .init();
         match cli.command {
+            Command::Batch(args) => match batch(args).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Serve(args) => match serve(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

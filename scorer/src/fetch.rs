@@ -5,6 +5,7 @@
 //! or corrupt download never becomes the model.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use object_store::ClientOptions;
@@ -69,7 +70,7 @@ pub struct Fetched {
 /// The store and object path for `uri`: `s3://bucket/key` (credentials, region and
 /// endpoint from the `AWS_*` environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 /// `AWS_REGION`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`), `https://` or `http://`, or `file://`.
-fn store_for(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), FetchError> {
+pub(crate) fn store_for(uri: &str) -> Result<(Arc<dyn ObjectStore>, ObjectPath), FetchError> {
     let bad = |reason: &str| FetchError::BadUri {
         uri: uri.to_string(),
         reason: reason.to_string(),
@@ -86,7 +87,7 @@ fn store_for(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), FetchError
                 .build()
                 .map_err(store)?;
             let key = url.path().trim_start_matches('/');
-            Ok((Box::new(s3), ObjectPath::from(key)))
+            Ok((Arc::new(s3), ObjectPath::from(key)))
         }
         "https" | "http" => {
             let base = format!("{}://{}", url.scheme(), url.authority());
@@ -99,7 +100,7 @@ fn store_for(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), FetchError
                 .build()
                 .map_err(store)?;
             Ok((
-                Box::new(http),
+                Arc::new(http),
                 ObjectPath::from(url.path().trim_start_matches('/')),
             ))
         }
@@ -109,10 +110,10 @@ fn store_for(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), FetchError
                 .map_err(|()| bad("not an absolute file path"))?;
             let local = LocalFileSystem::new();
             let object = ObjectPath::from_absolute_path(&path).map_err(|e| bad(&e.to_string()))?;
-            Ok((Box::new(local), object))
+            Ok((Arc::new(local), object))
         }
         other => Err(bad(&format!(
-            "unsupported scheme {other:?}; use s3, https or file"
+            "unsupported scheme {other:?}; use s3, https or file (gs:// and az:// are not compiled into this build: reach GCS or Azure through their S3-compatible endpoints)"
         ))),
     }
 }

@@ -1,7 +1,9 @@
 //! The Millrace scorer: one binary for every job a scorer pod does. `serve` answers
-//! predictions (memory → Redis → real-time ONNX → default); `fetch-model` is the init
+//! predictions (memory → Redis → real-time ONNX → default); `batch` precomputes a shard of
+//! them into Redis; `fetch-model` is the init
 //! container that puts the model where the scorer loads it.
 
+pub mod batch;
 pub mod cli;
 pub mod fetch;
 pub mod model;

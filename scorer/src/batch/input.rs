@@ -1,0 +1,279 @@
+//! The feature table: Parquet files at a URI (`file://`, `s3://`), listed in a stable order,
+//! their footers read once so every shard sees the same row groups, and one row group
+//! streamed at a time in `batchSize` record batches (only the id and input columns are
+//! decoded), so memory stays flat however large the table is.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+
+use super::shard::Unit;
+use crate::fetch::{FetchError, store_for};
+
+/// The input cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The URI is unusable.
+    #[error(transparent)]
+    Location(#[from] FetchError),
+    /// Listing or reading the store failed.
+    #[error("{uri}: {source}")]
+    Store {
+        /// What was being read.
+        uri: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// No Parquet file at the URI.
+    #[error("{uri}: no .parquet files there")]
+    Empty {
+        /// The URI.
+        uri: String,
+    },
+    /// A file is not readable Parquet.
+    #[error("{file}: not a readable Parquet file: {source}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// A file has no rows.
+    #[error("{file}: the file has no rows")]
+    NoRows {
+        /// The file.
+        file: String,
+    },
+    /// A column the model needs is absent.
+    #[error("{file}: no column {column:?} (the file has {available:?})")]
+    MissingColumn {
+        /// The file.
+        file: String,
+        /// The column.
+        column: String,
+        /// The columns it has.
+        available: Vec<String>,
+    },
+    /// Decoding a row group failed.
+    #[error("{file}: row group {row_group}: {source}")]
+    Decode {
+        /// The file.
+        file: String,
+        /// The row group.
+        row_group: usize,
+        /// Why.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+}
+
+/// One input file and its footer.
+pub struct InputFile {
+    /// The file's URI, for messages.
+    pub uri: String,
+    path: ObjectPath,
+    size: u64,
+    metadata: ArrowReaderMetadata,
+}
+
+/// The listed input.
+pub struct Input {
+    store: Arc<dyn ObjectStore>,
+    /// The files, sorted by path.
+    pub files: Vec<InputFile>,
+}
+
+impl Input {
+    /// Lists the `.parquet` files at `uri` (one file, or every file under a prefix or
+    /// directory) and reads their footers.
+    pub async fn open(uri: &str) -> Result<Self, InputError> {
+        let (store, path) = store_for(uri)?;
+        let store_error = |source| InputError::Store {
+            uri: uri.to_string(),
+            source,
+        };
+        let mut objects: Vec<(ObjectPath, u64)> = if path.as_ref().ends_with(".parquet") {
+            let meta = store.head(&path).await.map_err(store_error)?;
+            vec![(meta.location, meta.size)]
+        } else {
+            let prefix = (!path.as_ref().is_empty()).then_some(&path);
+            store
+                .list(prefix)
+                .try_filter(|meta| {
+                    futures::future::ready(meta.location.as_ref().ends_with(".parquet"))
+                })
+                .map_ok(|meta| (meta.location, meta.size))
+                .try_collect()
+                .await
+                .map_err(store_error)?
+        };
+        objects.sort();
+        if objects.is_empty() {
+            return Err(InputError::Empty {
+                uri: uri.to_string(),
+            });
+        }
+        let base = uri_base(uri);
+        let mut files = Vec::with_capacity(objects.len());
+        for (path, size) in objects {
+            let file_uri = format!("{base}{path}");
+            let mut reader = ObjectFile::new(Arc::clone(&store), path.clone(), size);
+            let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
+                .await
+                .map_err(|source| InputError::Corrupt {
+                    file: file_uri.clone(),
+                    source,
+                })?;
+            if metadata.metadata().file_metadata().num_rows() == 0 {
+                return Err(InputError::NoRows { file: file_uri });
+            }
+            files.push(InputFile {
+                uri: file_uri,
+                path,
+                size,
+                metadata,
+            });
+        }
+        Ok(Self { store, files })
+    }
+
+    /// Rows per row group, per file: what the shard plan splits.
+    pub fn row_groups(&self) -> Vec<Vec<u64>> {
+        self.files
+            .iter()
+            .map(|f| {
+                f.metadata
+                    .metadata()
+                    .row_groups()
+                    .iter()
+                    .map(|rg| rg.num_rows().max(0) as u64)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Checks that every file has `columns`.
+    pub fn check_columns(&self, columns: &[&str]) -> Result<(), InputError> {
+        for file in &self.files {
+            let schema = file.metadata.schema();
+            for column in columns {
+                if schema.index_of(column).is_err() {
+                    return Err(InputError::MissingColumn {
+                        file: file.uri.clone(),
+                        column: column.to_string(),
+                        available: schema.fields().iter().map(|f| f.name().clone()).collect(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams `unit`'s row group in record batches of `batch_size` rows, decoding only
+    /// `columns`.
+    pub fn stream(
+        &self,
+        unit: &Unit,
+        columns: &[&str],
+        batch_size: usize,
+    ) -> Result<ParquetRecordBatchStream<ObjectFile>, InputError> {
+        let file = &self.files[unit.file];
+        let schema = file.metadata.schema();
+        let indices: Vec<usize> = columns
+            .iter()
+            .filter_map(|c| schema.index_of(c).ok())
+            .collect();
+        let mask = ProjectionMask::roots(file.metadata.parquet_schema(), indices);
+        let reader = ObjectFile::new(Arc::clone(&self.store), file.path.clone(), file.size);
+        ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
+            .with_row_groups(vec![unit.row_group])
+            .with_projection(mask)
+            .with_batch_size(batch_size)
+            .build()
+            .map_err(|source| InputError::Decode {
+                file: file.uri.clone(),
+                row_group: unit.row_group,
+                source,
+            })
+    }
+}
+
+/// One object read by byte ranges: what the Parquet reader needs from a store.
+pub struct ObjectFile {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    size: u64,
+}
+
+impl ObjectFile {
+    fn new(store: Arc<dyn ObjectStore>, path: ObjectPath, size: u64) -> Self {
+        Self { store, path, size }
+    }
+}
+
+fn external(e: object_store::Error) -> ParquetError {
+    ParquetError::External(Box::new(e))
+}
+
+impl AsyncFileReader for ObjectFile {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(external)
+        }
+        .boxed()
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        // One call for every range lets the store coalesce nearby ones.
+        async move {
+            self.store
+                .get_ranges(&self.path, &ranges)
+                .await
+                .map_err(external)
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        let size = self.size;
+        async move {
+            ParquetMetaDataReader::new()
+                .with_arrow_reader_options(options)
+                .load_and_finish(self, size)
+                .await
+                .map(Arc::new)
+        }
+        .boxed()
+    }
+}
+
+/// `scheme://authority/` of a URI, to name listed files in messages.
+fn uri_base(uri: &str) -> String {
+    match url::Url::parse(uri) {
+        Ok(url) if url.scheme() == "file" => "file:///".to_string(),
+        Ok(url) => format!("{}://{}/", url.scheme(), url.authority()),
+        Err(_) => String::new(),
+    }
+}

@@ -1,0 +1,352 @@
+//! `millrace-scorer batch`: one shard of a batch precompute. It scores its share of the
+//! offline feature table and writes every prediction under the run's generation with the
+//! batch TTL; only when all of them are in Redis does it record the shard as done. The
+//! operator publishes the generation (flips the serving pointer) once every shard is done,
+//! so a failed or partial run is never served.
+//!
+//! Run by the operator's Indexed Job: the generation is the Job's name
+//! (`MILLRACE_GENERATION`), the shard count `MILLRACE_SHARDS`, the shard index Kubernetes'
+//! `JOB_COMPLETION_INDEX`.
+
+pub mod convert;
+pub mod input;
+pub mod progress;
+pub mod shard;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use futures::TryStreamExt;
+use millrace_crds::config::{REDIS_URL_ENV, ScorerConfig};
+use millrace_crds::keys::{CachedPrediction, now_ms};
+use millrace_crds::spec::duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::info;
+
+use crate::model::{Model, ModelError, SessionOptions};
+use convert::{ConvertError, Location, convert};
+use input::{Input, InputError};
+use progress::Progress;
+use writer::PredictionWriter;
+
+/// Rows per ONNX run and Redis pipeline when the config has no batch section.
+const DEFAULT_BATCH_SIZE: usize = 4096;
+
+/// `batch`'s flags.
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// The config file the operator renders.
+    #[arg(
+        long,
+        env = "MILLRACE_CONFIG",
+        default_value = "/etc/millrace/scorer.json"
+    )]
+    pub config: PathBuf,
+    /// The Redis URL (a node of the cluster when `cache.redisCluster`).
+    #[arg(long, env = REDIS_URL_ENV)]
+    pub redis_url: String,
+    /// The generation this run writes (the Job's name).
+    #[arg(long, env = "MILLRACE_GENERATION")]
+    pub generation: String,
+    /// Shards of the run (default: the config's `batch.shards`).
+    #[arg(long, env = "MILLRACE_SHARDS")]
+    pub shards: Option<usize>,
+    /// This shard's index, 0-based.
+    #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
+    pub shard_index: usize,
+    /// Load the model from here instead of the config's `model.path`.
+    #[arg(long, env = "MILLRACE_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+    /// Read this URI instead of the config's `features.offline.uri`.
+    #[arg(long, env = "MILLRACE_INPUT")]
+    pub input: Option<String>,
+    /// Redis pipelines in flight while the next batch is scored.
+    #[arg(long, default_value_t = 8)]
+    pub writes_in_flight: usize,
+}
+
+/// Why a shard failed. The shard is then not recorded as done, and the run is not published.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The config is unusable.
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The shard index is out of range.
+    #[error("shard index {index} is not below the shard count {shards}")]
+    Shard {
+        /// The index.
+        index: usize,
+        /// The count.
+        shards: usize,
+    },
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The input is unreadable.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The input's data is bad.
+    #[error(transparent)]
+    Data(#[from] ConvertError),
+    /// The input holds an entity twice with different predictions.
+    #[error(
+        "{file}: row group {row_group}: entity {id:?} appears more than once in the input with different features (its predictions differ); refusing to pick one"
+    )]
+    Duplicate {
+        /// The entity.
+        id: String,
+        /// The file of the second occurrence.
+        file: String,
+        /// Its row group.
+        row_group: usize,
+    },
+    /// Redis failed.
+    #[error("redis ({during}): {source}")]
+    Redis {
+        /// What was being done.
+        during: &'static str,
+        /// Why.
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+/// What a shard did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Rows read.
+    pub rows: u64,
+    /// Predictions written.
+    pub written: u64,
+    /// Rows scored with a filled feature.
+    pub filled: u64,
+    /// Rows skipped for a missing feature.
+    pub skipped: u64,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+/// Runs one shard.
+pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
+    let path = args.config.display().to_string();
+    let config_error = |message: String| BatchError::Config {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&args.config).map_err(|e| config_error(e.to_string()))?;
+    let config = ScorerConfig::from_json(&text).map_err(|e| config_error(e.to_string()))?;
+    let offline = config.features.offline.as_ref();
+    let uri = match (&args.input, offline) {
+        (Some(uri), _) => uri.clone(),
+        (None, Some(offline)) => offline.uri.clone(),
+        (None, None) => {
+            return Err(config_error(
+                "features.offline is required for a batch run".into(),
+            ));
+        }
+    };
+    let id_column = offline
+        .map_or("entity_id", |o| o.id_column.as_str())
+        .to_string();
+    let batch_size = config
+        .batch
+        .as_ref()
+        .map_or(DEFAULT_BATCH_SIZE, |b| b.batch_size.max(1) as usize);
+    let shards = args
+        .shards
+        .or(config.batch.as_ref().map(|b| b.shards.max(1) as usize))
+        .unwrap_or(1);
+    if args.shard_index >= shards {
+        return Err(BatchError::Shard {
+            index: args.shard_index,
+            shards,
+        });
+    }
+    let ttl = duration::parse(&config.cache.batch_ttl)
+        .map_err(|e| config_error(format!("cache.batchTTL: {e}")))?;
+    let ttl_ms = ttl.as_millis().max(1) as u64;
+    let keyspace = config.keyspace();
+
+    let model_path = args
+        .model_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&config.model.path));
+    let model = Arc::new(Model::load_with(
+        &model_path,
+        config.model.inputs.len(),
+        config.model.input_tensor.as_deref(),
+        config.model.output.as_deref(),
+        &config.execution_providers,
+        SessionOptions::default(),
+    )?);
+
+    let input = Input::open(&uri).await?;
+    let mut columns: Vec<&str> = vec![id_column.as_str()];
+    columns.extend(config.model.inputs.iter().map(String::as_str));
+    input.check_columns(&columns)?;
+    let units = shard::assign(&input.row_groups(), shards, args.shard_index);
+    let total: u64 = units.iter().map(|u| u.rows).sum();
+    info!(
+        generation = %args.generation, shard = args.shard_index, shards, files = input.files.len(),
+        row_groups = units.len(), rows = total, %uri, "scoring this shard"
+    );
+
+    let writer = Arc::new(
+        PredictionWriter::connect(&args.redis_url, config.cache.redis_cluster, ttl_ms)
+            .await
+            .map_err(|source| BatchError::Redis {
+                during: "connecting",
+                source,
+            })?,
+    );
+    let computed_at_ms = now_ms();
+    let permits = Arc::new(Semaphore::new(args.writes_in_flight.max(1)));
+    let mut writes: JoinSet<Result<u64, BatchError>> = JoinSet::new();
+    let mut progress = Progress::new(total);
+    let (mut rows, mut filled, mut skipped, mut written) = (0u64, 0u64, 0u64, 0u64);
+    let missing = config.features.missing.clone();
+
+    for unit in &units {
+        let file = input.files[unit.file].uri.clone();
+        let mut stream = input.stream(unit, &columns, batch_size)?;
+        let mut first_row = 0;
+        while let Some(record_batch) =
+            stream
+                .try_next()
+                .await
+                .map_err(|source| InputError::Decode {
+                    file: file.clone(),
+                    row_group: unit.row_group,
+                    source,
+                })?
+        {
+            let at = Location {
+                file: file.clone(),
+                row_group: unit.row_group,
+                first_row,
+            };
+            first_row += record_batch.num_rows();
+            let converted = convert(
+                &record_batch,
+                &id_column,
+                &config.model.inputs,
+                &missing,
+                &at,
+            )?;
+            rows += record_batch.num_rows() as u64;
+            filled += converted.filled;
+            skipped += converted.skipped;
+            if !converted.ids.is_empty() {
+                let scoring = Arc::clone(&model);
+                let features = converted.rows;
+                let predictions = tokio::task::spawn_blocking(move || scoring.predict(&features))
+                    .await
+                    .map_err(|e| ModelError::Run(format!("the inference task failed: {e}")))??;
+                if predictions.len() != converted.ids.len() {
+                    return Err(ModelError::Run(format!(
+                        "{} predictions for {} rows",
+                        predictions.len(),
+                        converted.ids.len()
+                    ))
+                    .into());
+                }
+                let entries: Vec<(String, Vec<u8>)> = converted
+                    .ids
+                    .iter()
+                    .zip(&predictions)
+                    .map(|(id, &value)| {
+                        let encoded = CachedPrediction {
+                            value,
+                            computed_at_ms,
+                        }
+                        .encode();
+                        (keyspace.batch(&args.generation, id), encoded.to_vec())
+                    })
+                    .collect();
+                let permit = Arc::clone(&permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ModelError::Run("writer closed".into()))?;
+                let writer = Arc::clone(&writer);
+                let ids = converted.ids;
+                let row_group = unit.row_group;
+                let file = file.clone();
+                writes.spawn(async move {
+                    let previous =
+                        writer
+                            .write(&entries)
+                            .await
+                            .map_err(|source| BatchError::Redis {
+                                during: "writing predictions",
+                                source,
+                            })?;
+                    drop(permit);
+                    for ((id, (_, value)), before) in ids.iter().zip(&entries).zip(previous) {
+                        if let Some(before) = before
+                            && let (Ok(before), Ok(now)) = (
+                                CachedPrediction::decode(&before),
+                                CachedPrediction::decode(value),
+                            )
+                            && before.value.to_bits() != now.value.to_bits()
+                        {
+                            return Err(BatchError::Duplicate {
+                                id: id.clone(),
+                                file,
+                                row_group,
+                            });
+                        }
+                    }
+                    Ok(entries.len() as u64)
+                });
+            }
+            while let Some(done) = writes.try_join_next() {
+                written +=
+                    done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+            }
+            progress.advance(record_batch.num_rows() as u64);
+        }
+    }
+    while let Some(done) = writes.join_next().await {
+        written += done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+    }
+    progress.finish();
+    // Written even when the shard drew nothing (more shards than row groups): the operator
+    // counts shards, and an idle shard is a finished one.
+    let done_key = keyspace.shards_done(&args.generation);
+    let mut record = redis::cmd("EVAL");
+    record
+        .arg("redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); return redis.call('PEXPIRE', KEYS[1], ARGV[3])")
+        .arg(1)
+        .arg(&done_key)
+        .arg(args.shard_index)
+        .arg(written)
+        .arg(ttl_ms);
+    let _: i64 = writer
+        .command(&done_key, &record)
+        .await
+        .map_err(|source| BatchError::Redis {
+            during: "recording the shard as done",
+            source,
+        })?;
+    let summary = Summary {
+        rows,
+        written,
+        filled,
+        skipped,
+        seconds: progress.elapsed().as_secs_f64(),
+    };
+    info!(
+        generation = %args.generation, shard = args.shard_index, rows, written, filled, skipped,
+        seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
+        "shard done"
+    );
+    Ok(summary)
+}

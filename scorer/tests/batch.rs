@@ -1,0 +1,595 @@
+//! `millrace-scorer batch` as real processes on real Parquet files (written here with the
+//! `parquet` crate), a real ONNX model, a real `redis-server`, a real 3-master Redis Cluster
+//! and a real S3-compatible server (moto): shards cover every row exactly once, predictions
+//! equal the model's, a killed shard records nothing and a rerun completes, bad input fails
+//! with the file, column and row group named.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray};
+use millrace_crds::config::{BatchConfig, ScorerConfig};
+use millrace_crds::keys::{CachedPrediction, Keyspace};
+use millrace_crds::spec::{ExecutionProvider, MissingFeaturePolicy, OfflineFeatures};
+use millrace_e2e::redis_server::{RedisCluster, RedisServer};
+use millrace_scorer::model::Model;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use redis::AsyncCommands;
+use support::{Moto, config, make_model};
+
+const INPUTS: [&str; 4] = ["tenure", "spend", "calls", "region"];
+
+/// Deterministic feature values for entity `i`.
+fn features_of(i: usize) -> [f32; 4] {
+    let x = i as f32;
+    [
+        (x * 0.013).sin(),
+        (x * 0.7).cos(),
+        (x % 17.0) / 17.0,
+        ((x * 1.3) % 5.0) - 2.5,
+    ]
+}
+
+/// Writes `ids` (with `features_of`) to `path` in row groups of `row_group` rows.
+fn write_parquet(path: &Path, ids: &[usize], row_group: usize) {
+    let columns: Vec<(&str, ArrayRef)> = std::iter::once((
+        "user_id",
+        Arc::new(StringArray::from(
+            ids.iter().map(|i| format!("e{i}")).collect::<Vec<_>>(),
+        )) as ArrayRef,
+    ))
+    .chain(INPUTS.iter().enumerate().map(|(j, name)| {
+        (
+            *name,
+            Arc::new(Float32Array::from(
+                ids.iter().map(|&i| features_of(i)[j]).collect::<Vec<_>>(),
+            )) as ArrayRef,
+        )
+    }))
+    .collect();
+    write_batch(
+        path,
+        RecordBatch::try_from_iter(columns).expect("batch"),
+        row_group,
+    );
+}
+
+fn write_batch(path: &Path, batch: RecordBatch, row_group: usize) {
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(row_group))
+        .build();
+    let file = std::fs::File::create(path).expect("create");
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    model: Model,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        make_model(dir.path(), INPUTS.len(), 1);
+        let model = Model::load(
+            &dir.path().join("model.onnx"),
+            4,
+            None,
+            Some("y"),
+            &[ExecutionProvider::Cpu],
+        )
+        .expect("model");
+        std::fs::create_dir_all(dir.path().join("lake")).expect("lake");
+        Self { dir, model }
+    }
+
+    fn lake(&self) -> PathBuf {
+        self.dir.path().join("lake")
+    }
+
+    fn config(&self, uri: &str, batch_size: i32, shards: i32) -> ScorerConfig {
+        let mut cfg = config(&self.dir.path().join("model.onnx"), &INPUTS);
+        cfg.features.offline = Some(OfflineFeatures {
+            uri: uri.to_string(),
+            format: Default::default(),
+            id_column: "user_id".into(),
+            credentials_secret_ref: None,
+        });
+        cfg.batch = Some(BatchConfig {
+            shards,
+            batch_size,
+            incremental: false,
+        });
+        cfg
+    }
+
+    fn expected(&self, i: usize) -> f32 {
+        self.model.predict(&features_of(i)).expect("predict")[0]
+    }
+}
+
+fn config_file(dir: &Path, cfg: &ScorerConfig) -> PathBuf {
+    let path = dir.join(format!("scorer-{}.json", rand_suffix()));
+    std::fs::write(&path, serde_json::to_string(cfg).expect("json")).expect("write");
+    path
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos()
+}
+
+fn batch_command(
+    config: &Path,
+    redis_url: &str,
+    generation: &str,
+    shards: usize,
+    index: usize,
+) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+    cmd.args(["batch", "--config"])
+        .arg(config)
+        .env("MILLRACE_REDIS_URL", redis_url)
+        .env("MILLRACE_GENERATION", generation)
+        .env("MILLRACE_SHARDS", shards.to_string())
+        .env("JOB_COMPLETION_INDEX", index.to_string())
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn run_batch(
+    config: &Path,
+    redis_url: &str,
+    generation: &str,
+    shards: usize,
+    index: usize,
+) -> Output {
+    batch_command(config, redis_url, generation, shards, index)
+        .output()
+        .expect("run batch")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// Every prediction of `generation` for ids `0..n`, read back and decoded.
+async fn read_all(
+    conn: &mut impl redis::aio::ConnectionLike,
+    generation: &str,
+    n: usize,
+) -> Vec<Option<CachedPrediction>> {
+    let ks = Keyspace::new("ml/churn", "3");
+    let mut out = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.get(ks.batch(generation, &format!("e{i}")));
+        }
+        let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await.expect("get");
+        out.extend(
+            values
+                .into_iter()
+                .map(|v| v.map(|b| CachedPrediction::decode(&b).expect("decodes"))),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_cover_every_row_exactly_once_and_equal_the_model() {
+    let setup = Setup::new();
+    let n = 2_500;
+    let ids: Vec<usize> = (0..n).collect();
+    // Three files of different sizes and row-group counts.
+    write_parquet(&setup.lake().join("part-0.parquet"), &ids[..1_000], 128);
+    write_parquet(
+        &setup.lake().join("part-1.parquet"),
+        &ids[1_000..1_100],
+        1_000,
+    );
+    write_parquet(&setup.lake().join("part-2.parquet"), &ids[1_100..], 300);
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let uri = format!("file://{}/", setup.lake().display());
+    let ks = Keyspace::new("ml/churn", "3");
+    for shards in [1, 3, 7, 20] {
+        let generation = format!("g-{shards}");
+        let cfg = config_file(setup.dir.path(), &setup.config(&uri, 100, shards as i32));
+        for index in 0..shards {
+            let out = run_batch(&cfg, &server.url(), &generation, shards, index);
+            assert!(
+                out.status.success(),
+                "shard {index}/{shards}: {}",
+                stderr(&out)
+            );
+        }
+        let done: HashMap<String, u64> = conn
+            .hgetall(ks.shards_done(&generation))
+            .await
+            .expect("done");
+        assert_eq!(done.len(), shards, "every shard recorded: {done:?}");
+        assert_eq!(
+            done.values().sum::<u64>(),
+            n as u64,
+            "each row written once: {done:?}"
+        );
+        let keys: Vec<String> = conn
+            .keys(format!("mr:ml/churn:3:b:{generation}:*"))
+            .await
+            .expect("keys");
+        assert_eq!(keys.len(), n);
+        for (i, p) in read_all(&mut conn, &generation, n)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let p = p.unwrap_or_else(|| panic!("e{i} missing with {shards} shards"));
+            assert!(
+                (p.value - setup.expected(i)).abs() < 1e-6,
+                "e{i}: {} vs {}",
+                p.value,
+                setup.expected(i)
+            );
+        }
+        let ttl: i64 = conn.pttl(ks.batch(&generation, "e0")).await.expect("pttl");
+        assert!(ttl > 86_000_000 && ttl <= 86_400_000, "batchTTL 24h: {ttl}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shard_records_nothing_and_a_rerun_completes() {
+    let setup = Setup::new();
+    let n = 60_000;
+    let ids: Vec<usize> = (0..n).collect();
+    write_parquet(&setup.lake().join("big.parquet"), &ids, 5_000);
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let ks = Keyspace::new("ml/churn", "3");
+    let uri = format!("file://{}/big.parquet", setup.lake().display());
+    // Small batches, one pipeline in flight: slow enough to be killed midway.
+    let cfg = config_file(setup.dir.path(), &setup.config(&uri, 16, 1));
+    let mut child = batch_command(&cfg, &server.url(), "g-kill", 1, 0)
+        .arg("--writes-in-flight")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let size: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut conn)
+            .await
+            .expect("dbsize");
+        if size > 1_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shard never started writing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let written: usize = conn
+        .keys::<_, Vec<String>>("mr:ml/churn:3:b:g-kill:*")
+        .await
+        .expect("keys")
+        .len();
+    assert!(
+        written > 0 && written < n,
+        "killed midway: {written} of {n} written"
+    );
+    let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-kill")).await.expect("done");
+    assert!(done.is_empty(), "a killed shard is not done: {done:?}");
+
+    // The rerun rewrites the same keys (same predictions) and completes.
+    let cfg = config_file(setup.dir.path(), &setup.config(&uri, 4096, 1));
+    let out = run_batch(&cfg, &server.url(), "g-kill", 1, 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-kill")).await.expect("done");
+    assert_eq!(done.get("0"), Some(&(n as u64)));
+    let all = read_all(&mut conn, "g-kill", n).await;
+    assert!(all.iter().all(Option::is_some));
+    assert!(
+        stderr(&out).contains("shard done"),
+        "a final summary: {}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_spread_over_a_real_redis_cluster() {
+    let setup = Setup::new();
+    let n = 3_000;
+    let ids: Vec<usize> = (0..n).collect();
+    write_parquet(&setup.lake().join("p.parquet"), &ids, 500);
+    let cluster = RedisCluster::start(3);
+    let uri = format!("file://{}/", setup.lake().display());
+    let mut cfg = setup.config(&uri, 256, 2);
+    cfg.cache.redis_cluster = true;
+    let cfg = config_file(setup.dir.path(), &cfg);
+    for index in 0..2 {
+        let out = run_batch(&cfg, &cluster.url(), "g-c", 2, index);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
+    let mut conn = client.get_async_connection().await.expect("cluster");
+    let ks = Keyspace::new("ml/churn", "3");
+    let mut found = 0;
+    for i in 0..n {
+        let raw: Option<Vec<u8>> = conn
+            .get(ks.batch("g-c", &format!("e{i}")))
+            .await
+            .expect("get");
+        let p = CachedPrediction::decode(&raw.expect("present")).expect("decodes");
+        assert!((p.value - setup.expected(i)).abs() < 1e-6);
+        found += 1;
+    }
+    assert_eq!(found, n);
+    let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-c")).await.expect("done");
+    assert_eq!(done.values().sum::<u64>(), n as u64);
+    // Every master holds a share: no key pattern forces one slot.
+    for url in cluster.urls() {
+        let mut node = connection(&url).await;
+        let size: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut node)
+            .await
+            .expect("dbsize");
+        assert!(size > n as u64 / 6, "{url} holds {size} keys");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_on_s3_is_read_with_credentials_from_the_environment() {
+    use object_store::ObjectStoreExt;
+    let setup = Setup::new();
+    let n = 700;
+    let ids: Vec<usize> = (0..n).collect();
+    write_parquet(&setup.lake().join("a.parquet"), &ids[..400], 100);
+    write_parquet(&setup.lake().join("b.parquet"), &ids[400..], 100);
+    let moto = Moto::start();
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let status = Command::new("curl")
+        .args(["-sf", "-X", "PUT", &format!("{endpoint}/lake")])
+        .status()
+        .expect("curl");
+    assert!(status.success());
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("lake")
+        .with_region("us-east-1")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .expect("s3");
+    for name in ["a.parquet", "b.parquet"] {
+        let bytes = std::fs::read(setup.lake().join(name)).expect("read");
+        store
+            .put(&format!("users/{name}").into(), bytes.into())
+            .await
+            .expect("upload");
+    }
+    store
+        .put(&"users/_SUCCESS".into(), Vec::new().into())
+        .await
+        .expect("marker");
+    let server = RedisServer::start();
+    let cfg = config_file(setup.dir.path(), &setup.config("s3://lake/users/", 128, 1));
+    let out = batch_command(&cfg, &server.url(), "g-s3", 1, 0)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT", &endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut conn = connection(&server.url()).await;
+    let all = read_all(&mut conn, "g-s3", n).await;
+    for (i, p) in all.iter().enumerate() {
+        assert!((p.expect("present").value - setup.expected(i)).abs() < 1e-6);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_names_the_file_column_and_row_group() {
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let ks = Keyspace::new("ml/churn", "3");
+    let lake = setup.lake();
+    let fails_with = |uri: String, cfg: Option<ScorerConfig>, generation: &str, wanted: &[&str]| {
+        let cfg = cfg.unwrap_or_else(|| setup.config(&uri, 64, 1));
+        let path = config_file(setup.dir.path(), &cfg);
+        let out = run_batch(&path, &server.url(), generation, 1, 0);
+        assert!(!out.status.success(), "{uri} should fail");
+        for w in wanted {
+            assert!(
+                stderr(&out).contains(w),
+                "{uri}: {:?} should mention {w}",
+                stderr(&out)
+            );
+        }
+    };
+
+    // A missing column.
+    std::fs::create_dir_all(lake.join("nocol")).expect("dir");
+    let batch = RecordBatch::try_from_iter([
+        (
+            "user_id",
+            Arc::new(StringArray::from(vec!["a"])) as ArrayRef,
+        ),
+        (
+            "tenure",
+            Arc::new(Float64Array::from(vec![1.0])) as ArrayRef,
+        ),
+    ])
+    .expect("batch");
+    write_batch(&lake.join("nocol/x.parquet"), batch, 10);
+    fails_with(
+        format!("file://{}/nocol/", lake.display()),
+        None,
+        "g1",
+        &["nocol/x.parquet", "\"spend\""],
+    );
+
+    // A wrong type.
+    std::fs::create_dir_all(lake.join("types")).expect("dir");
+    let mut cols: Vec<(&str, ArrayRef)> = vec![(
+        "user_id",
+        Arc::new(StringArray::from(vec!["a"])) as ArrayRef,
+    )];
+    for name in INPUTS {
+        let col: ArrayRef = if name == "calls" {
+            Arc::new(StringArray::from(vec!["many"]))
+        } else {
+            Arc::new(Float64Array::from(vec![1.0]))
+        };
+        cols.push((name, col));
+    }
+    write_batch(
+        &lake.join("types/t.parquet"),
+        RecordBatch::try_from_iter(cols).expect("batch"),
+        10,
+    );
+    fails_with(
+        format!("file://{}/types/", lake.display()),
+        None,
+        "g2",
+        &["types/t.parquet", "\"calls\"", "Utf8"],
+    );
+
+    // Nothing there, an empty file, a corrupt one.
+    std::fs::create_dir_all(lake.join("none")).expect("dir");
+    fails_with(
+        format!("file://{}/none/", lake.display()),
+        None,
+        "g3",
+        &["no .parquet files"],
+    );
+    std::fs::create_dir_all(lake.join("empty")).expect("dir");
+    write_parquet(&lake.join("empty/e.parquet"), &[], 10);
+    fails_with(
+        format!("file://{}/empty/", lake.display()),
+        None,
+        "g4",
+        &["empty/e.parquet", "no rows"],
+    );
+    std::fs::create_dir_all(lake.join("corrupt")).expect("dir");
+    std::fs::write(lake.join("corrupt/c.parquet"), b"PAR1 this is not parquet").expect("write");
+    fails_with(
+        format!("file://{}/corrupt/", lake.display()),
+        None,
+        "g5",
+        &["corrupt/c.parquet", "not a readable Parquet file"],
+    );
+
+    // Duplicate ids with different features, in different row groups.
+    std::fs::create_dir_all(lake.join("dup")).expect("dir");
+    let mut ids: Vec<usize> = (0..100).collect();
+    ids.push(7);
+    let mut batch_ids: Vec<String> = ids.iter().map(|i| format!("e{i}")).collect();
+    batch_ids[100] = "e7".into();
+    let mut cols: Vec<(&str, ArrayRef)> = vec![(
+        "user_id",
+        Arc::new(StringArray::from(batch_ids)) as ArrayRef,
+    )];
+    for (j, name) in INPUTS.iter().enumerate() {
+        // Row 100 (e7 again) gets e50's features: a different prediction.
+        let values: Vec<f32> = (0..101)
+            .map(|r| features_of(if r == 100 { 50 } else { r })[j])
+            .collect();
+        cols.push((name, Arc::new(Float32Array::from(values))));
+    }
+    write_batch(
+        &lake.join("dup/d.parquet"),
+        RecordBatch::try_from_iter(cols).expect("batch"),
+        50,
+    );
+    fails_with(
+        format!("file://{}/dup/", lake.display()),
+        None,
+        "g6",
+        &["dup/d.parquet", "row group 2", "\"e7\""],
+    );
+
+    // A null feature: filled (and counted) under fill; the row skipped under fallback.
+    std::fs::create_dir_all(lake.join("nulls")).expect("dir");
+    let mut cols: Vec<(&str, ArrayRef)> = vec![(
+        "user_id",
+        Arc::new(StringArray::from(vec!["n0", "n1"])) as ArrayRef,
+    )];
+    for name in INPUTS {
+        cols.push((
+            name,
+            Arc::new(Float64Array::from(vec![
+                Some(1.0),
+                if name == "spend" { None } else { Some(1.0) },
+            ])) as ArrayRef,
+        ));
+    }
+    write_batch(
+        &lake.join("nulls/n.parquet"),
+        RecordBatch::try_from_iter(cols).expect("batch"),
+        10,
+    );
+    let uri = format!("file://{}/nulls/", lake.display());
+    let out = run_batch(
+        &config_file(setup.dir.path(), &setup.config(&uri, 64, 1)),
+        &server.url(),
+        "g7",
+        1,
+        0,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("filled=1"), "{}", stderr(&out));
+    let n1: Option<Vec<u8>> = conn.get(ks.batch("g7", "n1")).await.expect("get");
+    let want = setup.model.predict(&[1.0, 0.0, 1.0, 1.0]).expect("predict")[0];
+    assert_eq!(
+        CachedPrediction::decode(&n1.expect("filled"))
+            .expect("decode")
+            .value,
+        want
+    );
+    let mut cfg = setup.config(&uri, 64, 1);
+    cfg.features.missing.policy = MissingFeaturePolicy::Fallback;
+    let out = run_batch(
+        &config_file(setup.dir.path(), &cfg),
+        &server.url(),
+        "g8",
+        1,
+        0,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("skipped=1"), "{}", stderr(&out));
+    let n1: Option<Vec<u8>> = conn.get(ks.batch("g8", "n1")).await.expect("get");
+    assert_eq!(
+        n1, None,
+        "skipped, so the online path computes it on request"
+    );
+
+    // No failed run recorded a finished shard.
+    for g in ["g1", "g2", "g3", "g4", "g5", "g6"] {
+        let done: HashMap<String, u64> = conn.hgetall(ks.shards_done(g)).await.expect("done");
+        assert!(done.is_empty(), "{g}: {done:?}");
+    }
+}
