@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Benchmarks (`make bench`): figures printed, nothing asserted. Brings the local control
-# plane up for the run (and down after, unless it was already running).
+# Benchmarks (`make bench`): figures printed, nothing asserted. The scorer's runs first;
+# then the local control plane comes up for the operator's (and down after, unless it was
+# already running).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 scripts/setup.sh
 eval "$(scripts/env.sh)"
+
+# The scorer benchmark needs no cluster: run it first, on a quiet machine.
+printf '\n==> scorer: batch and serve against the seed_python baseline, same run, same data\n'
+cargo bench --locked -p millrace-scorer --bench hybrid
 
 started=
 cleanup() { if [ -n "$started" ]; then e2e/cluster down; fi; }

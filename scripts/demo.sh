@@ -72,8 +72,8 @@ say "Run the batch now: 8 shards as an Indexed Job"
 run kubectl annotate -n millrace-demo infd churn millrace.dev/run-batch=demo-1
 kubectl wait -n millrace-demo --for=condition=BatchSucceeded=False infd/churn --timeout=60s >/dev/null
 run kubectl get -n millrace-demo jobs
-printf '\nThe simulated shards exited 0 but none recorded completion in Redis (the batch scorer\n'
-printf 'arrives with the batch issue), so the operator refuses to publish the generation:\n'
+printf '\nThe simulated shards exited 0 but none recorded completion in Redis (kwok simulates\n'
+printf 'the pods; no scorer ran), so the operator refuses to publish the generation:\n'
 kubectl get -n millrace-demo infd churn \
   -o jsonpath='{range .status.conditions[?(@.type=="BatchSucceeded")]}  BatchSucceeded={.status} ({.reason}): {.message}{"\n"}{end}'
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One idempotent setup for a fresh machine, called by both README commands (make demo, make
 # test). Installs only what is missing, so a second run takes seconds:
-#   - Debian packages: redis-server and redis-tools (the real Redis the tests run against)
-#   - .venv: the PyPI onnxruntime wheel (its libonnxruntime.so backs the `ort` crate) and the
-#     onnx/numpy packages that make test models
+#   - Debian packages: redis-server and redis-tools (the real Redis the tests run against),
+#     wrk (the benchmark's load generator)
+#   - .venv: the PyPI onnxruntime wheel (its libonnxruntime.so backs the `ort` crate), the
+#     onnx/numpy packages that make test models, moto (S3 for tests) and the benchmark
+#     baseline's own dependencies (pandas, pyarrow, FastAPI, uvicorn, redis-py)
 #   - the local control plane's binaries, built from pinned Go modules (e2e/scripts/build-tools.sh)
 set -euo pipefail
 
@@ -23,6 +25,8 @@ command -v redis-server >/dev/null 2>&1 || apt_missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || apt_missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
+# wrk: the HTTP load generator of the serving benchmark (the baseline's own tool).
+command -v wrk >/dev/null 2>&1 || apt_missing+=(wrk)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -66,6 +66,10 @@ pub struct BatchArgs {
     /// Redis pipelines in flight while the next batch is scored.
     #[arg(long, default_value_t = 8)]
     pub writes_in_flight: usize,
+    /// ONNX Runtime threads per inference (0: one per core). One by default: batches are
+    /// large enough to keep one core busy, and the others go to decoding, encoding and Redis.
+    #[arg(long, default_value_t = 1)]
+    pub inference_threads: usize,
 }
 
 /// Why a shard failed. The shard is then not recorded as done, and the run is not published.
@@ -185,7 +189,9 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         config.model.input_tensor.as_deref(),
         config.model.output.as_deref(),
         &config.execution_providers,
-        SessionOptions::default(),
+        SessionOptions {
+            intra_op_threads: (args.inference_threads > 0).then_some(args.inference_threads),
+        },
     )?);
 
     let input = Input::open(&uri).await?;

@@ -8,10 +8,25 @@
 //! the caller turns into an error rather than let one of them win silently.
 
 use std::sync::RwLock;
+use std::time::Duration;
 
 use millrace_crds::keys::cluster_slot;
 use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, IntoConnectionInfo, RedisError, Value};
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisError, Value};
+
+/// How long one pipeline may wait for its replies. Generous: a pipeline of thousands of
+/// commands queued behind others on a busy Redis is slow, not lost, and giving up on it
+/// would fail a run that was making progress.
+const PIPELINE_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn connect_to(info: redis::ConnectionInfo) -> Result<MultiplexedConnection, RedisError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(PIPELINE_TIMEOUT));
+    redis::Client::open(info)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
 
 /// Where predictions go.
 pub struct PredictionWriter {
@@ -47,8 +62,7 @@ impl PredictionWriter {
                 topology: RwLock::new(topology),
             }
         } else {
-            let client = redis::Client::open(url)?;
-            Target::Single(client.get_multiplexed_async_connection().await?)
+            Target::Single(connect_to(url.into_connection_info()?).await?)
         };
         Ok(Self { target, ttl_ms })
     }
@@ -162,9 +176,7 @@ fn is_redirect(e: &RedisError) -> bool {
 /// Reads `CLUSTER SLOTS` through `seed` and connects to every master.
 async fn discover(seed: &str) -> Result<Topology, RedisError> {
     let info = seed.into_connection_info()?;
-    let mut connection = redis::Client::open(info.clone())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut connection = connect_to(info.clone()).await?;
     let slots: Value = redis::cmd("CLUSTER")
         .arg("SLOTS")
         .query_async(&mut connection)
@@ -214,11 +226,7 @@ async fn discover(seed: &str) -> Result<Topology, RedisError> {
     let mut nodes = Vec::with_capacity(masters.len());
     for (host, port) in masters {
         let node_info = info.clone().set_addr(ConnectionAddr::Tcp(host, port));
-        nodes.push(
-            redis::Client::open(node_info)?
-                .get_multiplexed_async_connection()
-                .await?,
-        );
+        nodes.push(connect_to(node_info).await?);
     }
     Ok(Topology { nodes, owner })
 }

@@ -1,0 +1,424 @@
+//! The hybrid benchmark (not a test): Millrace's batch job and scorer against the baseline
+//! in `../shared/baselines/seed_python/` (the hand-written pandas + FastAPI design), in one
+//! run, on the same data (its generator: 1M entities x 32 features, the same MLP), the same
+//! Redis, the same load generator (wrk, 32 connections, uniform random ids), plus
+//! `redis-benchmark`'s rates as the store's ceiling. Prints figures; asserts nothing.
+//!
+//! `make bench` runs it. Environment knobs: `MILLRACE_BENCH_SECONDS` (per load run, default
+//! 10), `MILLRACE_BENCH_ENTITIES` (default 1000000), `MILLRACE_BENCH_BASELINE` (the
+//! baseline's directory).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use millrace_crds::config::{BatchConfig, ScorerConfig};
+use millrace_crds::spec::OfflineFeatures;
+use millrace_e2e::redis_server::RedisServer;
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn baseline_dir() -> PathBuf {
+    std::env::var("MILLRACE_BENCH_BASELINE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| support::root().join("../shared/baselines/seed_python"))
+}
+
+fn python() -> PathBuf {
+    support::root().join(".venv/bin/python")
+}
+
+/// The baseline's data (features.parquet, model.onnx), generated once per size and cached.
+fn data(entities: usize) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
+    let dir = PathBuf::from(home).join(format!(".cache/millrace/bench/seed-{entities}x32"));
+    if !dir.join("model.onnx").exists() {
+        eprintln!("generating {entities} entities x 32 features with the baseline's generator ...");
+        let status = Command::new(python())
+            .arg(baseline_dir().join("gen_data.py"))
+            .arg(&dir)
+            .arg(entities.to_string())
+            .arg("32")
+            .status()
+            .expect("the project venv");
+        assert!(status.success(), "gen_data.py failed");
+    }
+    dir
+}
+
+/// A child process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_http(port: u16, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    while rt
+        .block_on(support::try_request(port, "GET", path, None))
+        .map(|(s, _)| s)
+        != Some(200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nothing answered on {port}{path}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What wrk measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn parse_ms(text: &str) -> f64 {
+    let (number, factor) = if let Some(v) = text.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = text.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = text.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().map_or(f64::NAN, |n| n * factor)
+}
+
+fn wrk(port: u16, path_prefix: &str, id_prefix: &str, id_range: u64, seconds: u64) -> Load {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c32", &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(baseline_dir().join("random_ids.lua"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .env("PATH_PREFIX", path_prefix)
+        .env("ID_PREFIX", id_prefix)
+        .env("ID_RANGE", id_range.to_string())
+        .output()
+        .expect("wrk (scripts/setup.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut load = Load::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => load.p50_ms = parse_ms(v),
+            ["99%", v] => load.p99_ms = parse_ms(v),
+            ["Requests/sec:", v] => load.rps = v.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => {
+                load.errors += n.parse::<u64>().unwrap_or(0)
+            }
+            ["Socket", "errors:", rest @ ..] => {
+                load.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    load
+}
+
+/// `redis-benchmark`'s rate (`-q` output: "SET: 523560.22 requests per second").
+fn redis_benchmark(port: u16, args: &[&str]) -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-q"])
+        .args(args)
+        .output()
+        .expect("redis-benchmark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(['\r', '\n'])
+        .filter_map(|l| {
+            l.split_once(": ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .next_back()
+        .unwrap_or(0.0)
+}
+
+fn flushall(url: &str) {
+    let mut conn = redis::Client::open(url)
+        .expect("url")
+        .get_connection()
+        .expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut conn).expect("flushall");
+}
+
+/// Runs `cmd` to completion: its wall time, peak RSS in MiB (VmHWM, polled) and output.
+fn timed(mut cmd: Command) -> (Duration, u64, String) {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed();
+    let out = child.wait_with_output().expect("output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    (elapsed, peak_kib / 1024, text)
+}
+
+fn scorer_config(data: &Path, memory_entries: i64) -> ScorerConfig {
+    let inputs: Vec<String> = (0..32).map(|i| format!("f{i}")).collect();
+    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let mut cfg = support::config(&data.join("model.onnx"), &refs);
+    cfg.key_prefix = "bench/hybrid".into();
+    cfg.model.version = "1".into();
+    cfg.cache.memory.max_entries = memory_entries;
+    cfg.serving.latency_budget = "100ms".into();
+    cfg.features.offline = Some(OfflineFeatures {
+        uri: format!("file://{}", data.join("features.parquet").display()),
+        format: Default::default(),
+        id_column: "entity_id".into(),
+        credentials_secret_ref: None,
+    });
+    cfg.batch = Some(BatchConfig {
+        shards: 1,
+        batch_size: 8192,
+        incremental: false,
+    });
+    cfg
+}
+
+fn write_config(dir: &Path, name: &str, cfg: &ScorerConfig) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string(cfg).expect("json")).expect("write");
+    path
+}
+
+fn start_scorer(config: &Path, redis_url: &str) -> (Process, u16) {
+    let port = support::free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--redis-url", redis_url])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("scorer");
+    let process = Process(child);
+    wait_http(port, "/readyz");
+    (process, port)
+}
+
+fn start_baseline(data: &Path, redis_url: &str) -> (Process, u16) {
+    let port = support::free_port();
+    let child = Command::new(support::root().join(".venv/bin/uvicorn"))
+        .args(["seed_serve:app", "--port", &port.to_string()])
+        .args(["--log-level", "warning", "--no-access-log"])
+        .current_dir(baseline_dir())
+        .env("DATA_DIR", data)
+        .env("REDIS_URL", redis_url)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("uvicorn");
+    let process = Process(child);
+    wait_http(port, "/stats");
+    (process, port)
+}
+
+fn main() {
+    let seconds: u64 = env_or("MILLRACE_BENCH_SECONDS", 10);
+    let entities: usize = env_or("MILLRACE_BENCH_ENTITIES", 1_000_000);
+    assert!(
+        baseline_dir().join("seed_serve.py").exists(),
+        "the baseline is not at {} (set MILLRACE_BENCH_BASELINE)",
+        baseline_dir().display()
+    );
+    let data = data(entities);
+    let work = tempfile::tempdir().expect("tmp");
+    let redis = RedisServer::start();
+    let url = redis.url();
+
+    println!("\n== Redis ceiling (redis-benchmark on this machine, now)");
+    let set_ceiling = redis_benchmark(
+        redis.port(),
+        &["-t", "set", "-P", "64", "-n", "2000000", "-r", "1000000"],
+    );
+    let get_ceiling = redis_benchmark(
+        redis.port(),
+        &["-t", "get", "-c", "32", "-n", "300000", "-r", "1000000"],
+    );
+    println!(
+        "pipelined SET (-P 64): {set_ceiling:>10.0}/s   GET (32 connections): {get_ceiling:>10.0}/s"
+    );
+    flushall(&url);
+
+    println!("\n== Batch: {entities} entities x 32 features -> Redis");
+    let mut baseline_batch = Command::new(python());
+    baseline_batch
+        .arg(baseline_dir().join("seed_batch.py"))
+        .arg(&data)
+        .arg(&url);
+    let (base_time, base_rss, text) = timed(baseline_batch);
+    let base_rate = text
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix("rate=")?
+                .strip_suffix("/s")?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(entities as f64 / base_time.as_secs_f64());
+    let cfg = scorer_config(&data, 0);
+    let config = write_config(work.path(), "batch.json", &cfg);
+    let mut ours = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+    ours.args(["batch", "--config"])
+        .arg(&config)
+        .env("MILLRACE_REDIS_URL", &url)
+        .env("MILLRACE_GENERATION", "bench-1")
+        .env("RUST_LOG", "warn");
+    let (our_time, our_rss, _) = timed(ours);
+    let our_rate = entities as f64 / our_time.as_secs_f64();
+    // What the operator does once every shard is done: publish the generation.
+    let mut conn = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_connection()
+        .expect("redis");
+    let _: () = redis::cmd("SET")
+        .arg(cfg.keyspace().serving_pointer())
+        .arg("bench-1")
+        .query(&mut conn)
+        .expect("publish");
+    println!(
+        "{:<28}{:>14}{:>12}{:>16}{:>14}",
+        "", "predictions/s", "seconds", "% of SET ceil.", "peak RSS MiB"
+    );
+    for (name, rate, time, rss) in [
+        ("baseline (seed_batch.py)", base_rate, base_time, base_rss),
+        ("millrace-scorer batch", our_rate, our_time, our_rss),
+    ] {
+        println!(
+            "{name:<28}{rate:>14.0}{:>12.1}{:>15.0}%{rss:>14}",
+            time.as_secs_f64(),
+            100.0 * rate / set_ceiling
+        );
+    }
+    println!(
+        "ratio: {:.1}x the baseline (target >= 5x), {:.0}% of the ceiling (target >= 40%), peak RSS {our_rss} MiB (target < 512)",
+        our_rate / base_rate,
+        100.0 * our_rate / set_ceiling
+    );
+
+    println!("\n== Serve: wrk, 1 thread, 32 connections, {seconds} s per run, uniform random ids");
+    let mut results: HashMap<(&str, &str), Load> = HashMap::new();
+    let range = entities as u64;
+    {
+        let (_baseline, port) = start_baseline(&data, &url);
+        // Redis-tier hits: every id has a batch prediction; its 10k-entry dict catches ~1%.
+        let load = wrk(port, "/predict/", "user_", range, seconds);
+        results.insert(("redis", "baseline"), load);
+        // Memory-tier hits: 5,000 hot ids fit its dict; a warm-up run fills it.
+        wrk(port, "/predict/", "user_", 5_000, 2);
+        let load = wrk(port, "/predict/", "user_", 5_000, seconds);
+        results.insert(("memory", "baseline"), load);
+        // Real-time misses: ids with no prediction anywhere.
+        let load = wrk(port, "/predict/", "new_b_", 100_000_000, seconds);
+        results.insert(("realtime", "baseline"), load);
+    }
+    {
+        let config = write_config(work.path(), "redis.json", &scorer_config(&data, 0));
+        let (_scorer, port) = start_scorer(&config, &url);
+        let load = wrk(port, "/v1/predictions/", "user_", range, seconds);
+        results.insert(("redis", "millrace"), load);
+    }
+    {
+        let config = write_config(work.path(), "memory.json", &scorer_config(&data, 100_000));
+        let (_scorer, port) = start_scorer(&config, &url);
+        wrk(port, "/v1/predictions/", "user_", 5_000, 2);
+        let load = wrk(port, "/v1/predictions/", "user_", 5_000, seconds);
+        results.insert(("memory", "millrace"), load);
+        let load = wrk(port, "/v1/predictions/", "new_m_", 100_000_000, seconds);
+        results.insert(("realtime", "millrace"), load);
+    }
+    println!(
+        "{:<17}{:>11}{:>8}{:>8}{:>11}{:>8}{:>8}{:>9}{:>10}{:>8}",
+        "tier",
+        "base req/s",
+        "p50 ms",
+        "p99 ms",
+        "mill req/s",
+        "p50 ms",
+        "p99 ms",
+        "x req/s",
+        "p99 frac",
+        "target"
+    );
+    for (tier, label, target) in [
+        ("redis", "redis hits", 20.0),
+        ("memory", "memory hits", 30.0),
+        ("realtime", "realtime misses", 10.0),
+    ] {
+        let b = results[&(tier, "baseline")];
+        let m = results[&(tier, "millrace")];
+        println!(
+            "{label:<17}{:>11.0}{:>8.2}{:>8.2}{:>11.0}{:>8.2}{:>8.2}{:>8.1}x{:>10.3}{target:>7.0}x",
+            b.rps,
+            b.p50_ms,
+            b.p99_ms,
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            m.rps / b.rps,
+            m.p99_ms / b.p99_ms
+        );
+        if b.errors + m.errors > 0 {
+            println!(
+                "  ({label}: {} baseline and {} millrace errors or non-2xx answers)",
+                b.errors, m.errors
+            );
+        }
+    }
+    println!(
+        "(p99 frac: Millrace's p99 over the baseline's; target <= 0.1. Redis GET ceiling: {get_ceiling:.0}/s)"
+    );
+}
