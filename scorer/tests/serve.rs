@@ -691,3 +691,41 @@ async fn a_missing_model_or_bad_config_fails_start_with_the_reason() {
     assert!(!scorer.wait_exit(Duration::from_secs(20)).success());
     assert!(scorer.log().contains("[N, 5]"), "{}", scorer.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_latency_budget_falls_to_the_default_and_says_so() {
+    let dir = tempfile::tempdir().expect("tmp");
+    make_model(dir.path(), INPUTS.len(), 1);
+    let server = RedisServer::start();
+    let mut cfg = config(&dir.path().join("model.onnx"), &INPUTS);
+    // A lone miss waits up to 300 ms for company in the micro-batcher; the budget is 20 ms.
+    cfg.serving.latency_budget = "20ms".into();
+    cfg.serving.micro_batch.max_delay = "300ms".into();
+    let scorer = Scorer::start(&cfg, &server.url(), &[]).await;
+    let started = Instant::now();
+    let (status, body) = scorer.get("/v1/predictions/late").await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["source"].as_str(), body["prediction"].as_f64()),
+        (Some("default"), Some(0.5)),
+        "{body}"
+    );
+    assert!(
+        body["degraded"]
+            .as_array()
+            .expect("degraded")
+            .contains(&json!("latency_budget")),
+        "{body}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(200),
+        "answered in {elapsed:?}, not after the batch delay"
+    );
+    assert_eq!(
+        scorer
+            .metric("millrace_scorer_defaults_served_total{reason=\"latency_budget\"}")
+            .await,
+        1.0
+    );
+}
