@@ -142,20 +142,32 @@ pub async fn clamp_replicas(
     if wanted == replicas && current.is_some() {
         return Ok(current);
     }
-    let name = deployment.name_any();
+    scale(client, resource, &deployment.name_any(), wanted).await?;
+    Ok(Some(wanted))
+}
+
+/// Sets the scorer Deployment's replicas through its scale subresource, as the autoscaler's
+/// field manager: the reconcile's server-side apply never names `spec.replicas`, so the two
+/// never fight over it.
+pub async fn scale(
+    client: &Client,
+    resource: &InferenceDeployment,
+    deployment: &str,
+    replicas: i32,
+) -> Result<(), Error> {
     let namespace = resource.namespace().unwrap_or_default();
     let api: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
     let params = PatchParams {
         field_manager: Some(AUTOSCALER_FIELD_MANAGER.into()),
         ..PatchParams::default()
     };
-    let patch = serde_json::json!({"spec": {"replicas": wanted}});
-    api.patch_scale(&name, &params, &Patch::Merge(&patch))
+    let patch = serde_json::json!({"spec": {"replicas": replicas}});
+    api.patch_scale(deployment, &params, &Patch::Merge(&patch))
         .await
         .map_err(Error::kube(format!(
-            "scaling Deployment {name} to {wanted}"
+            "scaling Deployment {deployment} to {replicas}"
         )))?;
-    Ok(Some(wanted))
+    Ok(())
 }
 
 /// Creates the Job for run-batch `token` unless it exists. The Job's name derives from the

@@ -33,6 +33,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::publish::{BatchUpdate, JobOutcome, next_to_record, run_status};
 use crate::redis_store::RedisStore;
+use crate::scaler::Autoscaler;
 use crate::status::{Outcome, condition_status, desired_status};
 use crate::validate::validate;
 
@@ -57,6 +58,8 @@ pub struct Context {
     pub cleanup_timeout: Duration,
     /// Consecutive failures per object, for the requeue backoff.
     failures: Mutex<HashMap<ObjectRef<DeserializeGuard<InferenceDeployment>>, u32>>,
+    /// The autoscaler's per-resource state.
+    pub autoscaler: Autoscaler,
 }
 
 impl Context {
@@ -82,6 +85,7 @@ impl Context {
             redis: RedisStore::default(),
             cleanup_timeout,
             failures: Mutex::default(),
+            autoscaler: Autoscaler::default(),
         }
     }
 }
@@ -103,6 +107,17 @@ pub async fn run(ctx: Arc<Context>) {
     // The resources' cache keeps whole objects minus managedFields, which reconcile never
     // reads and which are a large share of each object.
     let (reader, writer) = reflector::store();
+    // The autoscaler syncs each resource on its own period and asks for a reconcile only
+    // when what the status shows should change.
+    let (triggers, triggered) = tokio::sync::mpsc::channel(1024);
+    let autoscaler = tokio::spawn(crate::scaler::run(
+        Arc::clone(&ctx),
+        reader.clone(),
+        triggers,
+    ));
+    let triggered = futures::stream::unfold(triggered, |mut rx| async move {
+        rx.recv().await.map(|object| (object, rx))
+    });
     let resources = reflector(
         writer,
         watcher(
@@ -122,6 +137,7 @@ pub async fn run(ctx: Arc<Context>) {
         .owns_stream(metadata::<PodDisruptionBudget>(&client, ns, &children))
         .owns_stream(metadata::<CronJob>(&client, ns, &children))
         .watches_stream(metadata::<Job>(&client, ns, &children), job_owner)
+        .reconcile_on(triggered)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -131,6 +147,16 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+    autoscaler.abort();
+}
+
+/// `namespace/name` of a resource: the key of per-resource state.
+pub fn resource_key(resource: &InferenceDeployment) -> String {
+    format!(
+        "{}/{}",
+        resource.namespace().unwrap_or_default(),
+        resource.name_any()
+    )
 }
 
 /// An Api over one namespace, or all of them.
@@ -238,7 +264,15 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        let status = update_status(resource, ctx, &Outcome::Invalid(&problems), None, None).await?;
+        let status = update_status(
+            resource,
+            ctx,
+            &Outcome::Invalid(&problems),
+            None,
+            None,
+            None,
+        )
+        .await?;
         if changed_to(resource, &status, condition::DEGRADED, "True") {
             event(
                 ctx,
@@ -259,7 +293,15 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         Ok(applied) => applied,
         Err(error) => {
             let text = error.to_string();
-            update_status(resource, ctx, &Outcome::ApplyFailed(&text), None, None).await?;
+            update_status(
+                resource,
+                ctx,
+                &Outcome::ApplyFailed(&text),
+                None,
+                None,
+                None,
+            )
+            .await?;
             event(
                 ctx,
                 resource,
@@ -273,6 +315,8 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         }
     };
     clamp_replicas(&ctx.client, resource, &applied.deployment).await?;
+    // The autoscaler loop's latest view (it triggers a reconcile when that view changes).
+    let autoscaled = ctx.autoscaler.shown(&resource_key(resource));
 
     let run_token = pending_run_token(resource);
     if let (Some(token), Some(cron_job)) = (run_token, &applied.cron_job) {
@@ -302,6 +346,7 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         &Outcome::Applied(&applied),
         run_token,
         update,
+        autoscaled.as_ref(),
     )
     .await?;
     if let Some(update) = update {
@@ -404,7 +449,10 @@ async fn record_batch(
 }
 
 /// The Redis URL of `resource`: the spec's literal, or the value in its Secret.
-async fn redis_url(resource: &InferenceDeployment, ctx: &Context) -> Result<String, Error> {
+pub(crate) async fn redis_url(
+    resource: &InferenceDeployment,
+    ctx: &Context,
+) -> Result<String, Error> {
     let redis = &resource.spec.cache.redis;
     if let Some(url) = &redis.url {
         return Ok(url.clone());
@@ -521,6 +569,7 @@ async fn update_status(
     outcome: &Outcome<'_>,
     run_token: Option<&str>,
     batch: Option<&BatchUpdate>,
+    autoscaling: Option<&millrace_crds::status::AutoscalingStatus>,
 ) -> Result<InferenceDeploymentStatus, Error> {
     let now = Time(jiff::Timestamp::now());
     let status = desired_status(
@@ -529,6 +578,7 @@ async fn update_status(
         outcome,
         run_token,
         batch,
+        autoscaling,
         &now,
     );
     if resource.status.as_ref() == Some(&status) {
@@ -554,7 +604,7 @@ async fn update_status(
     Ok(status)
 }
 
-async fn event(
+pub(crate) async fn event(
     ctx: &Context,
     resource: &InferenceDeployment,
     type_: EventType,

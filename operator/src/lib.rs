@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod autoscale;
 pub mod build;
 pub mod cli;
 pub mod controller;
@@ -14,5 +15,6 @@ pub mod leader;
 pub mod metrics;
 pub mod publish;
 pub mod redis_store;
+pub mod scaler;
 pub mod status;
 pub mod validate;

@@ -16,6 +16,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// One InferenceDeployment.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -24,6 +33,8 @@ pub struct Metrics {
     failures: Family<ReasonLabel, Counter>,
     duration: Histogram,
     leader: Gauge,
+    desired_replicas: Family<ResourceLabel, Gauge>,
+    replicas: Family<ResourceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -36,6 +47,18 @@ impl Default for Metrics {
             0.005, 2.0, 12,
         ));
         let leader = Gauge::default();
+        let desired_replicas = Family::<ResourceLabel, Gauge>::default();
+        let replicas = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "autoscaler_desired_replicas",
+            "Scorer replicas the autoscaler asked for, per InferenceDeployment",
+            desired_replicas.clone(),
+        );
+        registry.register(
+            "autoscaler_replicas",
+            "Scorer replicas running, per InferenceDeployment",
+            replicas.clone(),
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -58,6 +81,8 @@ impl Default for Metrics {
             failures,
             duration,
             leader,
+            desired_replicas,
+            replicas,
         }
     }
 }
@@ -72,6 +97,18 @@ impl Metrics {
     /// Counts a failed reconcile by reason.
     pub fn failed(&self, reason: &'static str) {
         self.failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Records the autoscaler's desired and the running replicas of one resource.
+    pub fn set_replicas(&self, namespace: &str, name: &str, desired: i32, running: i32) {
+        let label = ResourceLabel {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        self.desired_replicas
+            .get_or_create(&label)
+            .set(i64::from(desired));
+        self.replicas.get_or_create(&label).set(i64::from(running));
     }
 
     /// Records whether this replica leads.

@@ -63,6 +63,28 @@ impl RedisStore {
         Ok(connection)
     }
 
+    /// Reads the scorer pods' traffic windows from hash `key` (pod → record); records that
+    /// do not decode are skipped (a newer scorer's format is not misread as traffic).
+    pub async fn traffic(
+        &self,
+        url: &str,
+        cluster: bool,
+        key: &str,
+    ) -> RedisResult<Vec<(String, millrace_crds::traffic::TrafficWindow)>> {
+        let records: HashMap<String, Vec<u8>> = match self.connection(url, cluster).await? {
+            Connection::Single(mut c) => c.hgetall(key).await?,
+            Connection::Cluster(mut c) => c.hgetall(key).await?,
+        };
+        Ok(records
+            .into_iter()
+            .filter_map(|(pod, raw)| {
+                millrace_crds::traffic::TrafficWindow::decode(&raw)
+                    .ok()
+                    .map(|w| (pod, w))
+            })
+            .collect())
+    }
+
     /// Reads the shard completion hash `key` (shard index → predictions written).
     pub async fn shard_report(
         &self,

@@ -28,6 +28,7 @@ pub fn desired_status(
     outcome: &Outcome<'_>,
     run_token: Option<&str>,
     batch: Option<&BatchUpdate>,
+    autoscaling: Option<&AutoscalingStatus>,
     now: &Time,
 ) -> InferenceDeploymentStatus {
     let mut status = current.cloned().unwrap_or_default();
@@ -124,6 +125,19 @@ pub fn desired_status(
                 .get_or_insert_with(AutoscalingStatus::default);
             autoscaling.replicas = rollout.current;
             autoscaling.desired_replicas = rollout.desired;
+        }
+    }
+    // The autoscaler's view, when it ran: its decision is the desired count (the
+    // Deployment read before it scaled still shows the old one).
+    if let Some(decided) = autoscaling {
+        let shown = status
+            .autoscaling
+            .get_or_insert_with(AutoscalingStatus::default);
+        shown.desired_replicas = decided.desired_replicas;
+        shown.hit_rate = decided.hit_rate.clone();
+        shown.misses_per_second = decided.misses_per_second;
+        if decided.last_scale_time.is_some() {
+            shown.last_scale_time = decided.last_scale_time.clone();
         }
     }
     status

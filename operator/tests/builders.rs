@@ -300,7 +300,15 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
         &resource,
         serde_json::json!({"spec": {"features": {"timeZone": "Nowhere"}}}),
     ));
-    let first = desired_status(Some(2), None, &Outcome::Invalid(&problems), None, None, &t0);
+    let first = desired_status(
+        Some(2),
+        None,
+        &Outcome::Invalid(&problems),
+        None,
+        None,
+        None,
+        &t0,
+    );
     let degraded = |s: &millrace_crds::InferenceDeploymentStatus| {
         s.conditions
             .iter()
@@ -319,6 +327,7 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
         &Outcome::Invalid(&problems),
         None,
         None,
+        None,
         &t1,
     );
     assert_eq!(again, first);
@@ -328,6 +337,7 @@ fn status_keeps_transition_times_and_reports_invalid_specs() {
         Some(3),
         Some(&first),
         &Outcome::ApplyFailed("boom"),
+        None,
         None,
         None,
         &t1,

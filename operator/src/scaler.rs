@@ -1,0 +1,292 @@
+//! The autoscaler loop: every `autoscaling.syncPeriod`, per InferenceDeployment whose
+//! `autoscaling.mode` is `operator`, read the scorers' traffic windows from Redis, decide
+//! (pure, [`crate::autoscale`]), and scale the scorer Deployment through its scale
+//! subresource.
+//!
+//! It runs beside the reconciler rather than inside it, so a sync costs one scale read, one
+//! Redis read and, only when the count changes, one scale write: never a re-apply of every
+//! child. The status stays single-writer: the loop keeps its latest view here and asks the
+//! reconciler to run only when what the status shows should change (replicas, or the miss
+//! rate or hit rate moving noticeably, or a minute since the last refresh).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::core::DeserializeGuard;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, ResourceExt};
+use millrace_crds::InferenceDeployment;
+use millrace_crds::keys::{Keyspace, now_ms};
+use millrace_crds::spec::AutoscalingMode;
+use millrace_crds::status::AutoscalingStatus;
+use tokio::sync::mpsc::Sender;
+use tracing::{info, warn};
+
+use crate::apply::scale;
+use crate::autoscale::{Decision, Policy, Recommendations, decide};
+use crate::build::config::key_prefix;
+use crate::build::names::scorer_name;
+use crate::controller::{Context, event, redis_url, resource_key};
+
+/// How often the loop looks for resources whose sync is due.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long a shown view may go without a refresh.
+const REFRESH: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Tracked {
+    history: Recommendations,
+    next_sync: Option<Instant>,
+    shown: Option<AutoscalingStatus>,
+    shown_at: Option<Instant>,
+    last_scale_time: Option<Time>,
+}
+
+/// Per-resource autoscaler state, shared with the reconciler.
+#[derive(Default)]
+pub struct Autoscaler {
+    tracked: Mutex<HashMap<String, Tracked>>,
+}
+
+impl Autoscaler {
+    /// What the status should show for `key`, if the autoscaler has synced it.
+    pub fn shown(&self, key: &str) -> Option<AutoscalingStatus> {
+        self.lock().get(key).and_then(|t| t.shown.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tracked>> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Runs until aborted.
+pub async fn run(
+    ctx: Arc<Context>,
+    store: Store<DeserializeGuard<InferenceDeployment>>,
+    triggers: Sender<ObjectRef<DeserializeGuard<InferenceDeployment>>>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut live = Vec::new();
+        for guard in store.state() {
+            let Ok(resource) = &guard.0 else { continue };
+            let key = resource_key(resource);
+            live.push(key.clone());
+            if resource.spec.autoscaling.mode != AutoscalingMode::Operator
+                || resource.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let due = ctx
+                .autoscaler
+                .lock()
+                .get(&key)
+                .and_then(|t| t.next_sync)
+                .is_none_or(|at| at <= now);
+            if !due {
+                continue;
+            }
+            let policy = Policy::from_spec(&resource.spec.autoscaling);
+            if let Err(error) = sync(&ctx, resource, &key, &policy, &triggers).await {
+                warn!(resource = %key, %error, "autoscaler sync failed; retrying next period");
+            }
+            if let Some(tracked) = ctx.autoscaler.lock().get_mut(&key) {
+                tracked.next_sync = Some(now + policy.sync_period);
+            }
+        }
+        // Forget deleted resources.
+        ctx.autoscaler.lock().retain(|key, _| live.contains(key));
+    }
+}
+
+async fn sync(
+    ctx: &Context,
+    resource: &InferenceDeployment,
+    key: &str,
+    policy: &Policy,
+    triggers: &Sender<ObjectRef<DeserializeGuard<InferenceDeployment>>>,
+) -> Result<(), crate::error::Error> {
+    let namespace = resource.namespace().unwrap_or_default();
+    let name = scorer_name(resource);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(current_scale) = deployments
+        .get_scale(&name)
+        .await
+        .map(Some)
+        .or_else(|e| match e {
+            kube::Error::Api(status) if status.code == 404 => Ok(None),
+            other => Err(other),
+        })
+        .map_err(crate::error::Error::kube(
+            "reading the scorer Deployment's scale",
+        ))?
+    else {
+        // Not created yet: the reconciler will.
+        return Ok(());
+    };
+    let current = current_scale
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(policy.min_replicas);
+    let running = current_scale.status.as_ref().map_or(0, |s| s.replicas);
+
+    let keyspace = Keyspace::new(&key_prefix(resource), &resource.spec.model.version);
+    let windows = match redis_url(resource, ctx).await {
+        Ok(url) => ctx
+            .redis
+            .traffic(&url, resource.spec.cache.redis.cluster, &keyspace.traffic())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let windows: Vec<_> = match windows {
+        Ok(windows) => windows.into_iter().map(|(_, w)| w).collect(),
+        Err(error) => {
+            // No data: the decision keeps the count; it never lowers it.
+            warn!(resource = %key, %error, "cannot read the scorers' traffic");
+            Vec::new()
+        }
+    };
+    let decision = {
+        let mut tracked = ctx.autoscaler.lock();
+        let entry = tracked.entry(key.to_string()).or_default();
+        decide(policy, current, &windows, now_ms(), &mut entry.history)
+    };
+    if decision.desired != current {
+        scale(&ctx.client, resource, &name, decision.desired).await?;
+        scaled_event(ctx, resource, current, &decision).await;
+        if let Some(t) = ctx.autoscaler.lock().get_mut(key) {
+            t.last_scale_time = Some(Time(jiff::Timestamp::now()));
+        }
+    }
+    ctx.metrics
+        .set_replicas(&namespace, &resource.name_any(), decision.desired, running);
+
+    let view = {
+        let tracked = ctx.autoscaler.lock();
+        let last_scale_time = tracked.get(key).and_then(|t| t.last_scale_time.clone());
+        AutoscalingStatus {
+            replicas: running,
+            desired_replicas: decision.desired,
+            hit_rate: decision.hit_rate.map(|h| format!("{:.1}%", h * 100.0)),
+            misses_per_second: decision
+                .misses_per_second
+                .map(|m| (m * 10.0).round() / 10.0),
+            last_scale_time,
+        }
+    };
+    let show = {
+        let mut tracked = ctx.autoscaler.lock();
+        let entry = tracked.entry(key.to_string()).or_default();
+        let stale = entry.shown_at.is_none_or(|at| at.elapsed() >= REFRESH);
+        let worth = stale || worth_showing(entry.shown.as_ref(), &view);
+        if worth {
+            entry.shown = Some(view);
+            entry.shown_at = Some(Instant::now());
+        }
+        worth
+    };
+    if show {
+        let object = ObjectRef::new(&resource.name_any()).within(&namespace);
+        // A full channel means a reconcile is already coming; dropping is harmless.
+        let _ = triggers.try_send(object);
+    }
+    Ok(())
+}
+
+/// Whether `next` differs from what the status shows enough to write it.
+fn worth_showing(shown: Option<&AutoscalingStatus>, next: &AutoscalingStatus) -> bool {
+    let Some(shown) = shown else { return true };
+    let rate = |s: &AutoscalingStatus| {
+        s.hit_rate
+            .as_deref()
+            .and_then(|r| r.trim_end_matches('%').parse::<f64>().ok())
+    };
+    let misses_moved = match (shown.misses_per_second, next.misses_per_second) {
+        (Some(a), Some(b)) => (a - b).abs() > 0.1 * a.abs().max(1.0),
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    let hits_moved = match (rate(shown), rate(next)) {
+        (Some(a), Some(b)) => (a - b).abs() >= 1.0,
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    shown.replicas != next.replicas
+        || shown.desired_replicas != next.desired_replicas
+        || shown.last_scale_time != next.last_scale_time
+        || misses_moved
+        || hits_moved
+}
+
+async fn scaled_event(
+    ctx: &Context,
+    resource: &InferenceDeployment,
+    current: i32,
+    decision: &Decision,
+) {
+    let misses = decision.misses_per_second.unwrap_or(0.0);
+    event(
+        ctx,
+        resource,
+        EventType::Normal,
+        "Scaled",
+        "Autoscale",
+        format!(
+            "scorers {current} -> {}: {misses:.0} misses/s from {} pods, target {}/replica ({:?})",
+            decision.desired,
+            decision.reporting,
+            resource.spec.autoscaling.target_misses_per_replica,
+            decision.reason
+        ),
+    )
+    .await;
+    info!(from = current, to = decision.desired, misses, reason = ?decision.reason, "scaled the scorers");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(desired: i32, misses: Option<f64>, hit: Option<&str>) -> AutoscalingStatus {
+        AutoscalingStatus {
+            replicas: desired,
+            desired_replicas: desired,
+            hit_rate: hit.map(String::from),
+            misses_per_second: misses,
+            last_scale_time: None,
+        }
+    }
+
+    #[test]
+    fn only_noticeable_changes_are_shown() {
+        let shown = view(3, Some(300.0), Some("90.0%"));
+        assert!(!worth_showing(
+            Some(&shown),
+            &view(3, Some(320.0), Some("90.4%"))
+        ));
+        assert!(worth_showing(
+            Some(&shown),
+            &view(3, Some(340.0), Some("90.0%"))
+        ));
+        assert!(worth_showing(
+            Some(&shown),
+            &view(3, Some(300.0), Some("91.0%"))
+        ));
+        assert!(worth_showing(
+            Some(&shown),
+            &view(4, Some(300.0), Some("90.0%"))
+        ));
+        assert!(worth_showing(Some(&shown), &view(3, None, None)));
+        assert!(worth_showing(None, &shown));
+    }
+}

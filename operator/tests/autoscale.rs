@@ -1,0 +1,192 @@
+//! The autoscaler on the real local control plane with a real Redis: scorer traffic windows
+//! (written here as the scorer pods write them) drive the scorer Deployment's replicas.
+//! More misses scale up within a couple of sync periods, and the new pods land on GPU
+//! nodes; cut metrics never scale down; fewer misses scale down only after the
+//! stabilization window; the status and an event say what happened.
+//!
+//! Needs `e2e/cluster up` (see the README's test command).
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Api;
+use kube::api::ListParams;
+use millrace_crds::InferenceDeployment;
+use millrace_crds::keys::{Keyspace, now_ms};
+use millrace_crds::traffic::TrafficWindow;
+use millrace_e2e::redis_server::RedisServer;
+use millrace_e2e::{install_crd, with_temp_ns};
+use serde_json::json;
+use support::{OperatorProcess, apply_until_ready};
+
+/// What the simulated scorer pods report: (pods, misses/s of all of them); `None` = silent.
+type Load = Arc<Mutex<Option<(usize, u64)>>>;
+
+/// Publishes one-second windows for the simulated pods every 250 ms, like real scorers.
+fn report(redis_url: String, key: String, load: Load) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conn = redis::Client::open(redis_url)
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        loop {
+            let current = *load.lock().expect("load");
+            if let Some((pods, misses)) = current {
+                let _: () = redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("del");
+                for pod in 0..pods {
+                    let window = TrafficWindow {
+                        end_ms: now_ms(),
+                        window_ms: 1_000,
+                        hits: 3 * misses / pods as u64,
+                        misses: misses / pods as u64,
+                    };
+                    let _: () = redis::cmd("HSET")
+                        .arg(&key)
+                        .arg(format!("churn-scorer-{pod}"))
+                        .arg(&window.encode()[..])
+                        .query_async(&mut conn)
+                        .await
+                        .expect("hset");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
+async fn replicas(api: &Api<Deployment>) -> i32 {
+    api.get("churn-scorer")
+        .await
+        .ok()
+        .and_then(|d| d.spec?.replicas)
+        .unwrap_or(0)
+}
+
+async fn wait_replicas(api: &Api<Deployment>, want: i32, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if replicas(api).await == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "replicas {} after {within:?}, wanted {want}",
+            replicas(api).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn misses_drive_replicas_with_hpa_semantics() {
+    with_temp_ns("autoscale", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let resource = support::example(
+            &redis.url(),
+            json!({"spec": {"autoscaling": {
+                "minReplicas": 1, "maxReplicas": 8, "targetMissesPerReplica": 100,
+                "syncPeriod": "1s", "scaleDownStabilization": "5s", "tolerancePercent": 10
+            }}}),
+        );
+        apply_until_ready(&api, &resource).await;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        assert_eq!(replicas(&deployments).await, 1);
+
+        let key = Keyspace::new(&format!("{ns}/churn"), "3").traffic();
+        let load: Load = Arc::new(Mutex::new(None));
+        let reporter = report(redis.url(), key, Arc::clone(&load));
+
+        // 450 misses/s against 100 per replica: 5 replicas, within a couple of syncs.
+        *load.lock().expect("load") = Some((1, 450));
+        let took = wait_replicas(&deployments, 5, Duration::from_secs(10)).await;
+        eprintln!("scaled 1 -> 5 in {took:?}");
+        // The new pods are scheduled onto the GPU pool and run.
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let started = Instant::now();
+        loop {
+            let list = pods
+                .list(&ListParams::default().labels(
+                    "millrace.dev/inference-deployment=churn,app.kubernetes.io/component=scorer",
+                ))
+                .await
+                .expect("pods");
+            let running: Vec<String> = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+                .collect();
+            if running.len() == 5 {
+                assert!(running.iter().all(|n| n.starts_with("gpu-")), "{running:?}");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{running:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let status =
+            millrace_e2e::wait_named(&api, "churn", "the autoscaler's view in the status", |r| {
+                r.status
+                    .as_ref()
+                    .and_then(|s| s.autoscaling.as_ref())
+                    .is_some_and(|a| {
+                        a.desired_replicas == 5
+                            && a.misses_per_second.is_some()
+                            && a.last_scale_time.is_some()
+                    })
+            })
+            .await
+            .expect("status");
+        let view = status
+            .status
+            .and_then(|s| s.autoscaling)
+            .expect("autoscaling");
+        let misses = view.misses_per_second.expect("misses");
+        assert!((400.0..=500.0).contains(&misses), "{misses}");
+        assert_eq!(view.hit_rate.as_deref(), Some("75.0%"));
+        let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+        let scaled = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("Scaled"))
+            .filter_map(|e| e.message)
+            .collect::<Vec<_>>();
+        assert!(scaled.iter().any(|m| m.contains("1 -> 5")), "{scaled:?}");
+
+        // Cut the metrics: the windows go stale, and stale data never scales down.
+        *load.lock().expect("load") = None;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(
+            replicas(&deployments).await,
+            5,
+            "no data is no reason to scale down"
+        );
+
+        // Little load from all five pods: held through the 5 s stabilization window, then down.
+        *load.lock().expect("load") = Some((5, 50));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            replicas(&deployments).await,
+            5,
+            "still inside the stabilization window"
+        );
+        let took = wait_replicas(&deployments, 1, Duration::from_secs(15)).await;
+        eprintln!("scaled 5 -> 1 after {:?} more", took);
+        reporter.abort();
+    })
+    .await;
+}
