@@ -12,6 +12,7 @@
 //! | `mr:{ks}:{version}:serving` | the published generation scorers read |
 //! | `mr:{ks}:{version}:g:{generation}:done` | hash: shard index → predictions it wrote, per finished shard of G |
 //! | `mr:{ks}:{version}:traffic` | hash: scorer pod → its latest [`crate::traffic::TrafficWindow`] |
+//! | `mr:{ks}:{version}:activity:{{ks:version}}:{hour}` | sorted set: sampled requests per entity in one hour (what `warm` reads) |
 //!
 //! The entity id is wrapped in a Redis Cluster hash tag (`{...}`), so one entity's batch and
 //! real-time keys share a slot (one `MGET` answers "batch or real-time cached?") while
@@ -65,6 +66,7 @@ pub fn validate_entity_id(id: &str) -> Result<(), EntityIdError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keyspace {
     base: String,
+    tag: String,
 }
 
 impl Keyspace {
@@ -73,6 +75,7 @@ impl Keyspace {
     pub fn new(key_prefix: &str, version: &str) -> Self {
         Self {
             base: format!("mr:{key_prefix}:{version}:"),
+            tag: format!("{key_prefix}:{version}"),
         }
     }
 
@@ -106,6 +109,13 @@ impl Keyspace {
     /// what the autoscaler reads without a Prometheus server.
     pub fn traffic(&self) -> String {
         format!("{}traffic", self.base)
+    }
+
+    /// The sorted set of sampled request counts per entity during `hour` (hours since the
+    /// Unix epoch). Every hour of one version shares a hash tag, so a union of recent hours
+    /// is one command on Redis Cluster; different resources spread over slots.
+    pub fn activity(&self, hour: u64) -> String {
+        format!("{}activity:{{{}}}:{hour}", self.base, self.tag)
     }
 
     /// A `SCAN MATCH` pattern for every key of this version.
@@ -256,6 +266,11 @@ mod tests {
         assert_eq!(ks.serving_pointer(), "mr:ml/churn:3:serving");
         assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");
         assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
+        assert_eq!(ks.activity(7), "mr:ml/churn:3:activity:{ml/churn:3}:7");
+        assert_eq!(
+            cluster_slot(ks.activity(7).as_bytes()),
+            cluster_slot(ks.activity(8).as_bytes())
+        );
     }
 
     #[test]

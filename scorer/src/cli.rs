@@ -1,6 +1,6 @@
 //! The scorer's command line: one binary, one image, a subcommand per job: `serve` (the
-//! online path), `batch` (one shard of a precompute run), `fetch-model` (the operator's init
-//! container).
+//! online path), `batch` (one shard of a precompute run), `warm` (cache the most active
+//! entities), `fetch-model` (the operator's init container).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 use crate::batch::{BatchArgs, run as batch};
 use crate::fetch::fetch_model;
 use crate::serve::{ServeArgs, run as serve};
+use crate::warm::{WarmArgs, run as warm};
 
 /// Serves, precomputes and warms Millrace predictions.
 #[derive(Parser, Debug)]
@@ -27,6 +28,8 @@ enum Command {
     Serve(ServeArgs),
     /// Score one shard of the offline feature table into Redis under a new generation.
     Batch(BatchArgs),
+    /// Compute and cache real-time predictions for the most active entities.
+    Warm(WarmArgs),
     /// Download the model (s3://, https://, file://) to a local path, verifying its
     /// SHA-256; the scorer pods' init container.
     FetchModel {
@@ -55,6 +58,13 @@ impl Cli {
             .init();
         match cli.command {
             Command::Batch(args) => match batch(args).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Warm(args) => match warm(args).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");

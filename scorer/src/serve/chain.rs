@@ -23,6 +23,7 @@ use millrace_crds::keys::{CachedPrediction, now_ms};
 use millrace_crds::spec::MissingFeaturePolicy;
 use serde::Serialize;
 
+use super::activity::ActivitySampler;
 use super::batcher::{InferError, MicroBatcher};
 use super::memory::{MemoryTier, Origin, Remembered};
 use super::metrics::Metrics;
@@ -131,6 +132,7 @@ pub struct Scorer {
     flights: SingleFlight<Result<Computed, Degradation>>,
     metrics: Arc<Metrics>,
     traffic: Arc<TrafficCounter>,
+    activity: Arc<ActivitySampler>,
 }
 
 impl Scorer {
@@ -141,6 +143,7 @@ impl Scorer {
         batcher: MicroBatcher,
         metrics: Arc<Metrics>,
         traffic: Arc<TrafficCounter>,
+        activity: Arc<ActivitySampler>,
     ) -> Self {
         let memory = MemoryTier::new(settings.memory_entries, settings.memory_ttl);
         Self {
@@ -151,6 +154,7 @@ impl Scorer {
             flights: SingleFlight::default(),
             metrics,
             traffic,
+            activity,
         }
     }
 
@@ -173,6 +177,7 @@ impl Scorer {
     ) -> Result<Answer, Unanswered> {
         let started = Instant::now();
         let deadline = started + self.settings.latency_budget;
+        self.activity.record(id);
         let result = self.chain(id, supplied, deadline).await;
         let source = match &result {
             Ok(answer) => answer.source.as_str(),

@@ -2,6 +2,7 @@
 //! model, warms the model up, then answers on HTTP until SIGTERM, draining in-flight
 //! requests before it exits.
 
+pub mod activity;
 pub mod batcher;
 pub mod breaker;
 pub mod chain;
@@ -27,6 +28,7 @@ use millrace_crds::spec::duration;
 use tracing::{info, warn};
 
 use crate::model::{Model, ModelError, SessionOptions};
+use activity::ActivitySampler;
 use batcher::{BatchPolicy, MicroBatcher};
 use breaker::BreakerPolicy;
 use chain::Scorer;
@@ -65,6 +67,12 @@ pub struct ServeArgs {
     /// How often the serving batch generation is re-read.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub generation_refresh: Duration,
+    /// Count one request in this many for the activity sample `warm` reads (0: off).
+    #[arg(long, default_value_t = 16)]
+    pub activity_sample_every: u64,
+    /// Most distinct entities sampled per traffic window.
+    #[arg(long, default_value_t = 10_000)]
+    pub activity_max_ids: usize,
     /// Most ids in one batchGet.
     #[arg(long, default_value_t = RequestLimits::default().max_ids_per_batch)]
     pub max_ids_per_batch: usize,
@@ -176,6 +184,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         Arc::clone(&metrics),
     ));
     let traffic = Arc::new(TrafficCounter::default());
+    let activity = Arc::new(ActivitySampler::new(
+        args.activity_sample_every,
+        args.activity_max_ids,
+    ));
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], settings.port)));
@@ -191,6 +203,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             batcher,
             Arc::clone(&metrics),
             Arc::clone(&traffic),
+            Arc::clone(&activity),
         ),
         model,
         metrics,
@@ -204,6 +217,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let background = tokio::spawn(background_loops(
         Arc::clone(&redis),
         Arc::clone(&traffic),
+        Arc::clone(&activity),
         pod_name(&args),
         args.generation_refresh,
         args.traffic_window,
@@ -262,6 +276,7 @@ fn pod_name(args: &ServeArgs) -> String {
 async fn background_loops(
     redis: Arc<RedisTier>,
     traffic: Arc<TrafficCounter>,
+    activity: Arc<ActivitySampler>,
     pod: String,
     refresh: Duration,
     window: Duration,
@@ -287,6 +302,12 @@ async fn background_loops(
             // Kept for a few windows: the autoscaler tells stale records by their end time.
             if let Err(e) = redis.publish_traffic(&pod, closed, window * 6).await {
                 warn!(error = %e, "cannot publish the traffic window");
+            }
+            let sampled = activity.drain();
+            if !sampled.is_empty()
+                && let Err(e) = redis.record_activity(&sampled).await
+            {
+                warn!(error = %e, "cannot record the activity sample");
             }
         }
     };

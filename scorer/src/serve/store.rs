@@ -25,6 +25,10 @@ use super::metrics::Metrics;
 /// Longest any single Redis call may take, whatever budget is left.
 const CALL_CEILING: Duration = Duration::from_secs(1);
 
+/// ZINCRBY every (count, id) pair of ARGV[2..] into KEYS[1], then keep it ARGV[1] seconds.
+const ACTIVITY_SCRIPT: &str = "for i = 2, #ARGV, 2 do redis.call('ZINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end \
+     return redis.call('EXPIRE', KEYS[1], ARGV[1])";
+
 /// Why the Redis tier gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {
@@ -257,14 +261,9 @@ impl RedisTier {
     /// not wait for it).
     pub fn write_back(self: &Arc<Self>, id: &str, prediction: CachedPrediction, ttl: Duration) {
         let tier = Arc::clone(self);
-        let key = self.keyspace.realtime(id);
+        let id = id.to_string();
         tokio::spawn(async move {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(key)
-                .arg(&prediction.encode()[..])
-                .arg("PX")
-                .arg(ttl.as_millis().max(1) as u64);
-            let _: Result<(), _> = tier.call("write_back", &cmd, CALL_CEILING).await;
+            let _ = tier.store_realtime(&id, prediction, ttl).await;
         });
     }
 
@@ -286,6 +285,51 @@ impl RedisTier {
             .arg(&window.encode()[..])
             .arg(keep.as_millis() as u64);
         let _: i64 = self.call("traffic", &cmd, CALL_CEILING).await?;
+        Ok(())
+    }
+
+    /// Adds sampled request counts to this hour's activity set (kept three hours).
+    pub async fn record_activity(&self, counts: &[(String, u32)]) -> Result<(), TierError> {
+        let hour = millrace_crds::keys::now_ms() / 3_600_000;
+        let key = self.keyspace.activity(hour);
+        for chunk in counts.chunks(1_000) {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(ACTIVITY_SCRIPT).arg(1).arg(&key).arg(3 * 3_600);
+            for (id, count) in chunk {
+                cmd.arg(*count).arg(id);
+            }
+            let _: i64 = self.call("activity", &cmd, CALL_CEILING).await?;
+        }
+        Ok(())
+    }
+
+    /// The `top` most active entities over the last `hours` hours, most active first.
+    pub async fn most_active(&self, hours: u64, top: usize) -> Result<Vec<String>, TierError> {
+        let hour = millrace_crds::keys::now_ms() / 3_600_000;
+        let keys: Vec<String> = (0..hours.max(1))
+            .map(|back| self.keyspace.activity(hour.saturating_sub(back)))
+            .collect();
+        let mut union = redis::cmd("ZUNION");
+        union.arg(keys.len()).arg(&keys).arg("WITHSCORES");
+        let scored: Vec<(String, f64)> = self.call("activity", &union, CALL_CEILING).await?;
+        let mut scored = scored;
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(scored.into_iter().take(top).map(|(id, _)| id).collect())
+    }
+
+    /// Writes `id`'s real-time prediction with `ttl`, waiting for Redis to take it.
+    pub async fn store_realtime(
+        &self,
+        id: &str,
+        prediction: CachedPrediction,
+        ttl: Duration,
+    ) -> Result<(), TierError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.keyspace.realtime(id))
+            .arg(&prediction.encode()[..])
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let _: () = self.call("write_back", &cmd, CALL_CEILING).await?;
         Ok(())
     }
 
