@@ -7,12 +7,13 @@ SHELL := bash
 MILLRACE_CACHE ?= $(HOME)/.cache/millrace
 export CARGO_TARGET_DIR ?= $(MILLRACE_CACHE)/target
 
-.PHONY: help setup demo test bench lint fmt crds cluster-up cluster-down
+.PHONY: help setup demo test bench simulate lint fmt crds cluster-up cluster-down
 
 help:
 	@echo "make demo    bring up the local control plane and show Millrace on it"
 	@echo "make test    install what is missing, lint, and run every test on the local control plane"
 	@echo "make bench   print the benchmarks' figures"
+	@echo "make simulate compare scaling strategies on a simulated day"
 	@echo "make lint    rustfmt and clippy only"
 	@echo "make fmt     format the code"
 	@echo "make crds    regenerate crds/*.yaml from the API types"
@@ -28,6 +29,9 @@ test:
 
 bench:
 	scripts/bench.sh
+
+simulate:
+	cargo run --quiet --release -p millrace-operator --bin millrace-simulate
 
 lint:
 	cargo fmt --all --check

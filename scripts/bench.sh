@@ -13,6 +13,9 @@ eval "$(scripts/env.sh)"
 printf '\n==> scorer: batch and serve against the seed_python baseline, same run, same data\n'
 cargo bench --locked -p millrace-scorer --bench hybrid
 
+printf '\n==> autoscaling: a simulated day, GPU replica-hours per strategy\n'
+cargo run --quiet --locked --release -p millrace-operator --bin millrace-simulate
+
 started=
 cleanup() { if [ -n "$started" ]; then e2e/cluster down; fi; }
 trap cleanup EXIT

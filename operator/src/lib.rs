@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod publish;
 pub mod redis_store;
 pub mod scaler;
+pub mod simulate;
 pub mod status;
 pub mod validate;
