@@ -11,6 +11,7 @@
 //! | `mr:{ks}:{version}:rt:{{id}}` | a real-time prediction |
 //! | `mr:{ks}:{version}:serving` | the published generation scorers read |
 //! | `mr:{ks}:{version}:g:{generation}:done` | hash: shard index → predictions it wrote, per finished shard of G |
+//! | `mr:{ks}:{version}:g:{generation}:alias` | the generation an incremental run G updated in place |
 //! | `mr:{ks}:{version}:traffic` | hash: scorer pod → its latest [`crate::traffic::TrafficWindow`] |
 //! | `mr:{ks}:{version}:activity:{{ks:version}}:{hour}` | sorted set: sampled requests per entity in one hour (what `warm` reads) |
 //!
@@ -29,6 +30,12 @@ pub const VALUE_ENCODING_V1: u8 = 1;
 
 /// Length of a v1 value: version byte, f32 prediction, u64 milliseconds since the epoch.
 pub const VALUE_V1_LEN: usize = 1 + 4 + 8;
+
+/// The version byte of a batch value that carries its features' fingerprint.
+pub const VALUE_ENCODING_V2: u8 = 2;
+
+/// Length of a v2 value: a v1 value and the u64 fingerprint of the features it was scored on.
+pub const VALUE_V2_LEN: usize = VALUE_V1_LEN + 8;
 
 /// An entity id that cannot be used in a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +125,12 @@ impl Keyspace {
         format!("{}activity:{{{}}}:{hour}", self.base, self.tag)
     }
 
+    /// The generation an incremental run updated in place: scorers that find `generation`
+    /// in the serving pointer read this one's keys.
+    pub fn alias(&self, generation: &str) -> String {
+        format!("{}g:{generation}:alias", self.base)
+    }
+
     /// A `SCAN MATCH` pattern for every key of this version.
     pub fn scan_pattern(&self) -> String {
         format!("{}*", escape_glob(&self.base))
@@ -186,13 +199,36 @@ impl CachedPrediction {
         out
     }
 
-    /// Reads a value written by [`CachedPrediction::encode`].
+    /// The batch form: the v1 value plus the fingerprint of the features it was scored on
+    /// (what incremental runs compare), 21 bytes, version byte 2.
+    pub fn encode_with_fingerprint(&self, fingerprint: u64) -> [u8; VALUE_V2_LEN] {
+        let mut out = [0u8; VALUE_V2_LEN];
+        out[..VALUE_V1_LEN].copy_from_slice(&self.encode());
+        out[0] = VALUE_ENCODING_V2;
+        out[VALUE_V1_LEN..].copy_from_slice(&fingerprint.to_le_bytes());
+        out
+    }
+
+    /// The fingerprint of a v2 value (`None` for a v1 value or garbage).
+    pub fn fingerprint(bytes: &[u8]) -> Option<u64> {
+        if bytes.len() != VALUE_V2_LEN || bytes[0] != VALUE_ENCODING_V2 {
+            return None;
+        }
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&bytes[VALUE_V1_LEN..]);
+        Some(u64::from_le_bytes(fp))
+    }
+
+    /// Reads a value written by [`CachedPrediction::encode`] or
+    /// [`CachedPrediction::encode_with_fingerprint`].
     pub fn decode(bytes: &[u8]) -> Result<Self, ValueError> {
         let (&version, rest) = bytes.split_first().ok_or(ValueError::Empty)?;
-        if version != VALUE_ENCODING_V1 {
-            return Err(ValueError::UnknownEncoding(version));
-        }
-        if bytes.len() != VALUE_V1_LEN {
+        let expected = match version {
+            VALUE_ENCODING_V1 => VALUE_V1_LEN,
+            VALUE_ENCODING_V2 => VALUE_V2_LEN,
+            other => return Err(ValueError::UnknownEncoding(other)),
+        };
+        if bytes.len() != expected {
             return Err(ValueError::BadLength {
                 actual: bytes.len(),
             });
@@ -211,6 +247,19 @@ impl CachedPrediction {
     pub fn age(&self, now_ms: u64) -> Duration {
         Duration::from_millis(now_ms.saturating_sub(self.computed_at_ms))
     }
+}
+
+/// The fingerprint of one row of features: FNV-1a over the values' bits. Equal rows give
+/// equal fingerprints in every process and version of this code (it is stored in Redis).
+pub fn features_fingerprint(row: &[f32]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for value in row {
+        for byte in value.to_bits().to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 /// Milliseconds since the Unix epoch.
@@ -327,6 +376,25 @@ mod tests {
             CachedPrediction::decode(&bytes[..12]),
             Err(ValueError::BadLength { actual: 12 })
         );
+    }
+
+    #[test]
+    fn batch_values_carry_a_fingerprint_and_decode_as_predictions() {
+        let p = CachedPrediction {
+            value: 0.25,
+            computed_at_ms: 42,
+        };
+        let fp = features_fingerprint(&[1.0, 2.0]);
+        let bytes = p.encode_with_fingerprint(fp);
+        assert_eq!(bytes.len(), 21);
+        assert_eq!(CachedPrediction::decode(&bytes), Ok(p));
+        assert_eq!(CachedPrediction::fingerprint(&bytes), Some(fp));
+        assert_eq!(CachedPrediction::fingerprint(&p.encode()), None);
+        assert_ne!(fp, features_fingerprint(&[1.0, 2.000_001]));
+        assert_ne!(fp, features_fingerprint(&[2.0, 1.0]));
+        // Stored in Redis: the function must never change.
+        assert_eq!(features_fingerprint(&[]), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(features_fingerprint(&[1.0]), 0x4b72_477f_9c5c_2f98);
     }
 
     #[test]

@@ -4,6 +4,18 @@
 //! operator publishes the generation (flips the serving pointer) once every shard is done,
 //! so a failed or partial run is never served.
 //!
+//! **Incremental** (`batch.incremental`): every batch value carries a fingerprint of the
+//! features it was scored on. An incremental run reads the published generation's values,
+//! scores only the entities whose fingerprint changed (or that are new), and updates that
+//! generation **in place**; unchanged entities are not touched at all, which is what makes
+//! it cheap. When all shards are done it records its own name as an alias of the updated
+//! generation, so publishing it (the operator flips the pointer as for any run) changes
+//! nothing for scorers. The trade-offs, by design: each prediction is replaced atomically,
+//! but a failed incremental run leaves a mix of new and previous predictions (each valid);
+//! unchanged predictions keep the TTL of the run that wrote them (run a full precompute
+//! more often than `batchTTL`); an entity gone from the input stays until that TTL. With
+//! nothing published yet, an incremental run is a full one.
+//!
 //! Run by the operator's Indexed Job: the generation is the Job's name
 //! (`MILLRACE_GENERATION`), the shard count `MILLRACE_SHARDS`, the shard index Kubernetes'
 //! `JOB_COMPLETION_INDEX`.
@@ -20,7 +32,7 @@ use std::sync::Arc;
 use clap::Args;
 use futures::TryStreamExt;
 use millrace_crds::config::{REDIS_URL_ENV, ScorerConfig};
-use millrace_crds::keys::{CachedPrediction, now_ms};
+use millrace_crds::keys::{CachedPrediction, Keyspace, features_fingerprint, now_ms};
 use millrace_crds::spec::duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -134,8 +146,53 @@ pub struct Summary {
     pub filled: u64,
     /// Rows skipped for a missing feature.
     pub skipped: u64,
+    /// Entities whose features had not changed, so their prediction was kept (incremental).
+    pub carried: u64,
     /// Seconds taken.
     pub seconds: f64,
+}
+
+/// Whether a write's previous value `was` shows another row of this run wrote the key:
+/// not when it held nothing, what this run read before (an in-place update), or the same
+/// prediction (a retried shard).
+fn conflicts(was: Option<&[u8]>, expected: Option<&[u8]>, value: &[u8]) -> bool {
+    let Some(was) = was else { return false };
+    if Some(was) == expected {
+        return false;
+    }
+    match (
+        CachedPrediction::decode(was),
+        CachedPrediction::decode(value),
+    ) {
+        (Ok(was), Ok(now)) => was.value.to_bits() != now.value.to_bits(),
+        // Garbage under our key is overwritten, not a duplicate.
+        _ => false,
+    }
+}
+
+/// The generation scorers read now (following an incremental run's alias), if any.
+async fn published_generation(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+) -> Result<Option<String>, BatchError> {
+    let redis_error = |source| BatchError::Redis {
+        during: "reading the published generation",
+        source,
+    };
+    let pointer = keyspace.serving_pointer();
+    let Some(published): Option<String> = writer
+        .command(&pointer, redis::cmd("GET").arg(&pointer))
+        .await
+        .map_err(redis_error)?
+    else {
+        return Ok(None);
+    };
+    let alias = keyspace.alias(&published);
+    let aliased: Option<String> = writer
+        .command(&alias, redis::cmd("GET").arg(&alias))
+        .await
+        .map_err(redis_error)?;
+    Ok(Some(aliased.unwrap_or(published)))
 }
 
 /// Runs one shard.
@@ -214,10 +271,27 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             })?,
     );
     let computed_at_ms = now_ms();
+    let features_per_row = config.model.inputs.len();
+    let incremental = config.batch.as_ref().is_some_and(|b| b.incremental);
+    // An incremental run updates the published generation in place (module docs).
+    let base = if incremental {
+        published_generation(&writer, &keyspace).await?
+    } else {
+        None
+    };
+    match (&base, incremental) {
+        (Some(base), _) => {
+            info!(%base, "incremental: updating the published generation in place; unchanged entities are carried")
+        }
+        (None, true) => info!("incremental: nothing is published yet, so this is a full run"),
+        (None, false) => {}
+    }
+    let target = base.clone().unwrap_or_else(|| args.generation.clone());
     let permits = Arc::new(Semaphore::new(args.writes_in_flight.max(1)));
     let mut writes: JoinSet<Result<u64, BatchError>> = JoinSet::new();
     let mut progress = Progress::new(total);
-    let (mut rows, mut filled, mut skipped, mut written) = (0u64, 0u64, 0u64, 0u64);
+    let (mut rows, mut filled, mut skipped, mut written, mut carried) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let missing = config.features.missing.clone();
 
     for unit in &units {
@@ -250,78 +324,128 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             rows += record_batch.num_rows() as u64;
             filled += converted.filled;
             skipped += converted.skipped;
-            if !converted.ids.is_empty() {
-                let scoring = Arc::clone(&model);
-                let features = converted.rows;
-                let predictions = tokio::task::spawn_blocking(move || scoring.predict(&features))
-                    .await
-                    .map_err(|e| ModelError::Run(format!("the inference task failed: {e}")))??;
-                if predictions.len() != converted.ids.len() {
-                    return Err(ModelError::Run(format!(
-                        "{} predictions for {} rows",
-                        predictions.len(),
-                        converted.ids.len()
-                    ))
-                    .into());
-                }
-                let entries: Vec<(String, Vec<u8>)> = converted
-                    .ids
-                    .iter()
-                    .zip(&predictions)
-                    .map(|(id, &value)| {
-                        let encoded = CachedPrediction {
-                            value,
-                            computed_at_ms,
-                        }
-                        .encode();
-                        (keyspace.batch(&args.generation, id), encoded.to_vec())
-                    })
-                    .collect();
-                let permit = Arc::clone(&permits)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ModelError::Run("writer closed".into()))?;
-                let writer = Arc::clone(&writer);
-                let ids = converted.ids;
-                let row_group = unit.row_group;
-                let file = file.clone();
-                writes.spawn(async move {
-                    let previous =
-                        writer
-                            .write(&entries)
-                            .await
-                            .map_err(|source| BatchError::Redis {
-                                during: "writing predictions",
-                                source,
-                            })?;
-                    drop(permit);
-                    for ((id, (_, value)), before) in ids.iter().zip(&entries).zip(previous) {
-                        if let Some(before) = before
-                            && let (Ok(before), Ok(now)) = (
-                                CachedPrediction::decode(&before),
-                                CachedPrediction::decode(value),
-                            )
-                            && before.value.to_bits() != now.value.to_bits()
-                        {
-                            return Err(BatchError::Duplicate {
-                                id: id.clone(),
-                                file,
-                                row_group,
-                            });
-                        }
-                    }
-                    Ok(entries.len() as u64)
-                });
+            progress.advance(record_batch.num_rows() as u64);
+            if converted.ids.is_empty() {
+                continue;
             }
+            let fingerprints: Vec<u64> = converted
+                .rows
+                .chunks(features_per_row)
+                .map(features_fingerprint)
+                .collect();
+            let keys: Vec<String> = converted
+                .ids
+                .iter()
+                .map(|id| keyspace.batch(&target, id))
+                .collect();
+            // In place, only rows whose features changed since they were scored are
+            // scored again; the others keep their prediction untouched.
+            let before: Vec<Option<Vec<u8>>> = if base.is_some() {
+                writer
+                    .read(&keys)
+                    .await
+                    .map_err(|source| BatchError::Redis {
+                        during: "reading the published predictions",
+                        source,
+                    })?
+            } else {
+                vec![None; keys.len()]
+            };
+            let changed: Vec<usize> = (0..keys.len())
+                .filter(|&i| {
+                    base.is_none()
+                        || before[i].as_deref().and_then(CachedPrediction::fingerprint)
+                            != Some(fingerprints[i])
+                })
+                .collect();
+            carried += (keys.len() - changed.len()) as u64;
+            if changed.is_empty() {
+                continue;
+            }
+            let mut features = Vec::with_capacity(changed.len() * features_per_row);
+            for &i in &changed {
+                features.extend_from_slice(
+                    &converted.rows[i * features_per_row..(i + 1) * features_per_row],
+                );
+            }
+            let scoring = Arc::clone(&model);
+            let predictions = tokio::task::spawn_blocking(move || scoring.predict(&features))
+                .await
+                .map_err(|e| ModelError::Run(format!("the inference task failed: {e}")))??;
+            if predictions.len() != changed.len() {
+                return Err(ModelError::Run(format!(
+                    "{} predictions for {} rows",
+                    predictions.len(),
+                    changed.len()
+                ))
+                .into());
+            }
+            let entries: Vec<(String, Vec<u8>)> = changed
+                .iter()
+                .zip(&predictions)
+                .map(|(&i, &value)| {
+                    let encoded = CachedPrediction {
+                        value,
+                        computed_at_ms,
+                    }
+                    .encode_with_fingerprint(fingerprints[i]);
+                    (keys[i].clone(), encoded.to_vec())
+                })
+                .collect();
+            let expected: Vec<Option<Vec<u8>>> =
+                changed.iter().map(|&i| before[i].clone()).collect();
+            let ids: Vec<String> = changed.iter().map(|&i| converted.ids[i].clone()).collect();
+            let permit = Arc::clone(&permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| ModelError::Run("writer closed".into()))?;
+            let writer = Arc::clone(&writer);
+            let row_group = unit.row_group;
+            let file = file.clone();
+            writes.spawn(async move {
+                let previous =
+                    writer
+                        .write(&entries)
+                        .await
+                        .map_err(|source| BatchError::Redis {
+                            during: "writing predictions",
+                            source,
+                        })?;
+                drop(permit);
+                for (((id, (_, value)), was), expected) in
+                    ids.iter().zip(&entries).zip(previous).zip(expected)
+                {
+                    if conflicts(was.as_deref(), expected.as_deref(), value) {
+                        return Err(BatchError::Duplicate {
+                            id: id.clone(),
+                            file,
+                            row_group,
+                        });
+                    }
+                }
+                Ok(entries.len() as u64)
+            });
             while let Some(done) = writes.try_join_next() {
                 written +=
                     done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
             }
-            progress.advance(record_batch.num_rows() as u64);
         }
     }
     while let Some(done) = writes.join_next().await {
         written += done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+    }
+    if let Some(base) = &base {
+        // Publishing this run's name must lead scorers to the generation it updated.
+        let alias = keyspace.alias(&args.generation);
+        let mut set = redis::cmd("SET");
+        set.arg(&alias).arg(base).arg("PX").arg(ttl_ms);
+        let _: () = writer
+            .command(&alias, &set)
+            .await
+            .map_err(|source| BatchError::Redis {
+                during: "recording the updated generation",
+                source,
+            })?;
     }
     progress.finish();
     // Written even when the shard drew nothing (more shards than row groups): the operator
@@ -347,10 +471,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         written,
         filled,
         skipped,
+        carried,
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, written, filled, skipped,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, filled, skipped,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

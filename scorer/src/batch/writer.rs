@@ -99,6 +99,50 @@ impl PredictionWriter {
         }
     }
 
+    /// Reads `keys` (one `MGET`; on a cluster, one pipeline of `GET`s per master).
+    pub async fn read(&self, keys: &[String]) -> Result<Vec<Previous>, RedisError> {
+        match &self.target {
+            Target::Single(connection) => {
+                redis::cmd("MGET")
+                    .arg(keys)
+                    .query_async(&mut connection.clone())
+                    .await
+            }
+            Target::Cluster { topology, .. } => {
+                let topology = topology
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); topology.nodes.len()];
+                for (i, key) in keys.iter().enumerate() {
+                    per_node[topology.owner[usize::from(cluster_slot(key.as_bytes()))]].push(i);
+                }
+                let reads = per_node
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, indexes)| !indexes.is_empty())
+                    .map(|(node, indexes)| {
+                        let mut pipe = redis::pipe();
+                        for &i in indexes {
+                            pipe.get(&keys[i]);
+                        }
+                        let mut connection = topology.nodes[node].clone();
+                        async move {
+                            let values: Vec<Previous> = pipe.query_async(&mut connection).await?;
+                            Ok::<_, RedisError>((indexes, values))
+                        }
+                    });
+                let mut out = vec![None; keys.len()];
+                for (indexes, values) in futures::future::try_join_all(reads).await? {
+                    for (&i, v) in indexes.iter().zip(values) {
+                        out[i] = v;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
     fn pipeline<'a>(
         &self,
         entries: impl Iterator<Item = &'a (String, Vec<u8>)>,

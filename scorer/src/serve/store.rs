@@ -196,7 +196,8 @@ impl RedisTier {
             .clone()
     }
 
-    /// Reads the serving pointer. A failure keeps the last known generation: Redis being
+    /// Reads the serving pointer (and, when it names an incremental run, the generation
+    /// that run updated in place). A failure keeps the last known generation: Redis being
     /// briefly away must not make every batch prediction a miss.
     pub async fn refresh_generation(&self) -> Result<Option<Arc<str>>, TierError> {
         let pointer: Option<String> = self
@@ -206,7 +207,20 @@ impl RedisTier {
                 CALL_CEILING,
             )
             .await?;
-        let generation = pointer.map(Arc::<str>::from);
+        let resolved = match pointer {
+            Some(published) => {
+                let alias: Option<String> = self
+                    .call(
+                        "generation",
+                        redis::cmd("GET").arg(self.keyspace.alias(&published)),
+                        CALL_CEILING,
+                    )
+                    .await?;
+                Some(alias.unwrap_or(published))
+            }
+            None => None,
+        };
+        let generation = resolved.map(Arc::<str>::from);
         let mut current = self
             .generation
             .write()
