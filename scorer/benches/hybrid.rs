@@ -203,6 +203,30 @@ fn timed(mut cmd: Command) -> (Duration, u64, String) {
     (elapsed, peak_kib / 1024, text)
 }
 
+/// The feature table with 10% of its rows' features changed (cached beside it).
+fn changed_copy(data: &Path) -> PathBuf {
+    let out = data.join("features-10pct-changed.parquet");
+    if !out.exists() {
+        let script = r#"
+import sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1]); n = t.num_rows
+rows = np.random.default_rng(3).choice(n, n // 10, replace=False)
+for j in range(32):
+    name = f"f{j}"; col = t.column(name).to_numpy().copy(); col[rows] += 0.5
+    t = t.set_column(t.schema.get_field_index(name), name, pa.array(col))
+pq.write_table(t, sys.argv[2], row_group_size=65536)
+"#;
+        let status = Command::new(python())
+            .args(["-c", script])
+            .arg(data.join("features.parquet"))
+            .arg(&out)
+            .status()
+            .expect("python");
+        assert!(status.success(), "making the changed table failed");
+    }
+    out
+}
+
 fn scorer_config(data: &Path, memory_entries: i64) -> ScorerConfig {
     let inputs: Vec<String> = (0..32).map(|i| format!("f{i}")).collect();
     let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
@@ -347,6 +371,37 @@ fn main() {
         "ratio: {:.1}x the baseline (target >= 5x), {:.0}% of the ceiling (target >= 40%), peak RSS {our_rss} MiB (target < 512)",
         our_rate / base_rate,
         100.0 * our_rate / set_ceiling
+    );
+
+    // Incremental: the same table with 10% of the entities' features changed.
+    let changed = changed_copy(&data);
+    let mut inc = scorer_config(&data, 0);
+    if let (Some(offline), Some(batch)) = (inc.features.offline.as_mut(), inc.batch.as_mut()) {
+        offline.uri = format!("file://{}", changed.display());
+        batch.incremental = true;
+    }
+    let config = write_config(work.path(), "incremental.json", &inc);
+    let mut incremental = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+    incremental
+        .args(["batch", "--config"])
+        .arg(&config)
+        .env("MILLRACE_REDIS_URL", &url)
+        .env("MILLRACE_GENERATION", "bench-2")
+        .env("RUST_LOG", "info");
+    let (inc_time, inc_rss, log) = timed(incremental);
+    let field = |name: &str| {
+        log.split(&format!("{name}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "incremental, 10% changed: {:.1} s (computed {}, carried {}), {:.1}x faster than the full run (target >= 5x), peak RSS {inc_rss} MiB",
+        inc_time.as_secs_f64(),
+        field("computed"),
+        field("carried"),
+        our_time.as_secs_f64() / inc_time.as_secs_f64()
     );
 
     println!("\n== Serve: wrk, 1 thread, 32 connections, {seconds} s per run, uniform random ids");

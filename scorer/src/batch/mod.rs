@@ -23,6 +23,7 @@
 pub mod convert;
 pub mod input;
 pub mod progress;
+pub mod scoring;
 pub mod shard;
 pub mod writer;
 
@@ -32,16 +33,15 @@ use std::sync::Arc;
 use clap::Args;
 use futures::TryStreamExt;
 use millrace_crds::config::{REDIS_URL_ENV, ScorerConfig};
-use millrace_crds::keys::{CachedPrediction, Keyspace, features_fingerprint, now_ms};
+use millrace_crds::keys::{Keyspace, now_ms};
 use millrace_crds::spec::duration;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tracing::info;
 
 use crate::model::{Model, ModelError, SessionOptions};
 use convert::{ConvertError, Location, convert};
 use input::{Input, InputError};
 use progress::Progress;
+use scoring::Scoring;
 use writer::PredictionWriter;
 
 /// Rows per ONNX run and Redis pipeline when the config has no batch section.
@@ -152,24 +152,6 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Whether a write's previous value `was` shows another row of this run wrote the key:
-/// not when it held nothing, what this run read before (an in-place update), or the same
-/// prediction (a retried shard).
-fn conflicts(was: Option<&[u8]>, expected: Option<&[u8]>, value: &[u8]) -> bool {
-    let Some(was) = was else { return false };
-    if Some(was) == expected {
-        return false;
-    }
-    match (
-        CachedPrediction::decode(was),
-        CachedPrediction::decode(value),
-    ) {
-        (Ok(was), Ok(now)) => was.value.to_bits() != now.value.to_bits(),
-        // Garbage under our key is overwritten, not a duplicate.
-        _ => false,
-    }
-}
-
 /// The generation scorers read now (following an incremental run's alias), if any.
 async fn published_generation(
     writer: &PredictionWriter,
@@ -271,7 +253,6 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             })?,
     );
     let computed_at_ms = now_ms();
-    let features_per_row = config.model.inputs.len();
     let incremental = config.batch.as_ref().is_some_and(|b| b.incremental);
     // An incremental run updates the published generation in place (module docs).
     let base = if incremental {
@@ -287,11 +268,15 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         (None, false) => {}
     }
     let target = base.clone().unwrap_or_else(|| args.generation.clone());
-    let permits = Arc::new(Semaphore::new(args.writes_in_flight.max(1)));
-    let mut writes: JoinSet<Result<u64, BatchError>> = JoinSet::new();
+    let mut scoring = Scoring::new(
+        Arc::clone(&model),
+        Arc::clone(&writer),
+        args.writes_in_flight,
+        computed_at_ms,
+        base.is_some(),
+    );
     let mut progress = Progress::new(total);
-    let (mut rows, mut filled, mut skipped, mut written, mut carried) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
     let missing = config.features.missing.clone();
 
     for unit in &units {
@@ -328,112 +313,18 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             if converted.ids.is_empty() {
                 continue;
             }
-            let fingerprints: Vec<u64> = converted
-                .rows
-                .chunks(features_per_row)
-                .map(features_fingerprint)
-                .collect();
-            let keys: Vec<String> = converted
+            let keys = converted
                 .ids
                 .iter()
                 .map(|id| keyspace.batch(&target, id))
                 .collect();
-            // In place, only rows whose features changed since they were scored are
-            // scored again; the others keep their prediction untouched.
-            let before: Vec<Option<Vec<u8>>> = if base.is_some() {
-                writer
-                    .read(&keys)
-                    .await
-                    .map_err(|source| BatchError::Redis {
-                        during: "reading the published predictions",
-                        source,
-                    })?
-            } else {
-                vec![None; keys.len()]
-            };
-            let changed: Vec<usize> = (0..keys.len())
-                .filter(|&i| {
-                    base.is_none()
-                        || before[i].as_deref().and_then(CachedPrediction::fingerprint)
-                            != Some(fingerprints[i])
-                })
-                .collect();
-            carried += (keys.len() - changed.len()) as u64;
-            if changed.is_empty() {
-                continue;
-            }
-            let mut features = Vec::with_capacity(changed.len() * features_per_row);
-            for &i in &changed {
-                features.extend_from_slice(
-                    &converted.rows[i * features_per_row..(i + 1) * features_per_row],
-                );
-            }
-            let scoring = Arc::clone(&model);
-            let predictions = tokio::task::spawn_blocking(move || scoring.predict(&features))
-                .await
-                .map_err(|e| ModelError::Run(format!("the inference task failed: {e}")))??;
-            if predictions.len() != changed.len() {
-                return Err(ModelError::Run(format!(
-                    "{} predictions for {} rows",
-                    predictions.len(),
-                    changed.len()
-                ))
-                .into());
-            }
-            let entries: Vec<(String, Vec<u8>)> = changed
-                .iter()
-                .zip(&predictions)
-                .map(|(&i, &value)| {
-                    let encoded = CachedPrediction {
-                        value,
-                        computed_at_ms,
-                    }
-                    .encode_with_fingerprint(fingerprints[i]);
-                    (keys[i].clone(), encoded.to_vec())
-                })
-                .collect();
-            let expected: Vec<Option<Vec<u8>>> =
-                changed.iter().map(|&i| before[i].clone()).collect();
-            let ids: Vec<String> = changed.iter().map(|&i| converted.ids[i].clone()).collect();
-            let permit = Arc::clone(&permits)
-                .acquire_owned()
-                .await
-                .map_err(|_| ModelError::Run("writer closed".into()))?;
-            let writer = Arc::clone(&writer);
-            let row_group = unit.row_group;
-            let file = file.clone();
-            writes.spawn(async move {
-                let previous =
-                    writer
-                        .write(&entries)
-                        .await
-                        .map_err(|source| BatchError::Redis {
-                            during: "writing predictions",
-                            source,
-                        })?;
-                drop(permit);
-                for (((id, (_, value)), was), expected) in
-                    ids.iter().zip(&entries).zip(previous).zip(expected)
-                {
-                    if conflicts(was.as_deref(), expected.as_deref(), value) {
-                        return Err(BatchError::Duplicate {
-                            id: id.clone(),
-                            file,
-                            row_group,
-                        });
-                    }
-                }
-                Ok(entries.len() as u64)
-            });
-            while let Some(done) = writes.try_join_next() {
-                written +=
-                    done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
-            }
+            scoring
+                .push(converted, keys, file.clone(), unit.row_group)
+                .await?;
         }
     }
-    while let Some(done) = writes.join_next().await {
-        written += done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
-    }
+    scoring.finish().await?;
+    let (written, carried) = (scoring.written, scoring.carried);
     if let Some(base) = &base {
         // Publishing this run's name must lead scorers to the generation it updated.
         let alias = keyspace.alias(&args.generation);
