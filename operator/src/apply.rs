@@ -3,6 +3,7 @@
 //! objects as the API server stored them: status is computed from these only.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -13,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
-use crate::build::names::{FIELD_MANAGER, batch_name};
+use crate::build::names::{FIELD_MANAGER, batch_name, scorer_name};
 use crate::build::{Children, batch};
 use crate::error::Error;
 
@@ -35,7 +36,8 @@ pub struct Applied {
     pub cron_job: Option<CronJob>,
 }
 
-/// Applies every child of `resource` and deletes the CronJob when the batch was removed.
+/// Applies every child of `resource`, and deletes the CronJob when the batch was removed and
+/// the HorizontalPodAutoscaler when the autoscaling mode is no longer `hpa`.
 pub async fn apply(
     client: &Client,
     resource: &InferenceDeployment,
@@ -53,6 +55,20 @@ pub async fn apply(
             None
         }
     };
+    match &children.horizontal_pod_autoscaler {
+        Some(hpa) => {
+            ssa(client, &namespace, hpa).await?;
+        }
+        None => {
+            delete_if_owned::<HorizontalPodAutoscaler>(
+                client,
+                &namespace,
+                &scorer_name(resource),
+                resource,
+            )
+            .await?;
+        }
+    }
     Ok(Applied {
         config_map,
         deployment,
@@ -134,7 +150,8 @@ pub async fn clamp_replicas(
     use millrace_crds::spec::AutoscalingMode;
     let autoscaling = &resource.spec.autoscaling;
     let current = deployment.spec.as_ref().and_then(|s| s.replicas);
-    if autoscaling.mode == AutoscalingMode::Disabled {
+    // Disabled: replicas are the user's. Hpa: the HorizontalPodAutoscaler's.
+    if autoscaling.mode != AutoscalingMode::Operator {
         return Ok(current);
     }
     let replicas = current.unwrap_or(1);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -136,6 +137,7 @@ pub async fn run(ctx: Arc<Context>) {
         .owns_stream(metadata::<ConfigMap>(&client, ns, &children))
         .owns_stream(metadata::<PodDisruptionBudget>(&client, ns, &children))
         .owns_stream(metadata::<CronJob>(&client, ns, &children))
+        .owns_stream(metadata::<HorizontalPodAutoscaler>(&client, ns, &children))
         .watches_stream(metadata::<Job>(&client, ns, &children), job_owner)
         .reconcile_on(triggered)
         .shutdown_on_signal()

@@ -380,3 +380,52 @@ fn the_rendered_children_match_the_golden_file() {
         path.display()
     );
 }
+
+#[test]
+fn hpa_mode_renders_an_hpa_on_the_external_miss_rate() {
+    let resource = fixture();
+    assert!(
+        children(&resource).horizontal_pod_autoscaler.is_none(),
+        "operator mode: no HPA"
+    );
+    let hpa_mode = with(
+        &resource,
+        serde_json::json!({"spec": {"autoscaling": {"mode": "hpa", "minReplicas": 2, "maxReplicas": 9,
+            "targetMissesPerReplica": 150, "scaleDownStabilization": "2m", "tolerancePercent": 5}}}),
+    );
+    let hpa = children(&hpa_mode)
+        .horizontal_pod_autoscaler
+        .expect("an HPA");
+    assert_eq!(hpa.metadata.name.as_deref(), Some("churn-scorer"));
+    assert!(hpa.metadata.owner_references.is_some());
+    let spec = hpa.spec;
+    assert_eq!(spec.scale_target_ref.kind, "Deployment");
+    assert_eq!(spec.scale_target_ref.name, "churn-scorer");
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 9));
+    let metric = &spec.metrics.expect("metrics")[0];
+    assert_eq!(metric.type_, "External");
+    let external = metric.external.as_ref().expect("external");
+    assert_eq!(
+        external.metric.name,
+        "millrace_scorer_cache_misses_per_second"
+    );
+    let selector = external
+        .metric
+        .selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .expect("selector");
+    assert_eq!(
+        selector.get("inference_deployment").map(String::as_str),
+        Some("churn")
+    );
+    assert_eq!(external.target.type_, "AverageValue");
+    assert_eq!(
+        external.target.average_value.as_ref().map(|q| q.0.as_str()),
+        Some("150")
+    );
+    let behavior = spec.behavior.expect("behavior");
+    let down = behavior.scale_down.expect("scale down");
+    assert_eq!(down.stabilization_window_seconds, Some(120));
+    assert_eq!(down.tolerance.map(|q| q.0), Some("50m".to_string()));
+}

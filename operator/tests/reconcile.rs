@@ -416,3 +416,38 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn hpa_mode_hands_replicas_to_a_horizontal_pod_autoscaler_and_back() {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    with_temp_ns("hpa", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+        let hpa_mode = example(
+            &redis,
+            json!({"spec": {"autoscaling": {"mode": "hpa", "minReplicas": 2, "maxReplicas": 6}}}),
+        );
+        apply_until_ready(&api, &hpa_mode).await;
+        let hpa = wait_named(&hpas, "churn-scorer", "the HPA", |_| true)
+            .await
+            .expect("HPA");
+        assert_eq!(hpa.spec.max_replicas, 6);
+        assert_eq!(
+            hpa.spec
+                .metrics
+                .as_ref()
+                .and_then(|m| m[0].external.as_ref())
+                .map(|e| e.metric.name.clone()),
+            Some("millrace_scorer_cache_misses_per_second".to_string())
+        );
+        // Back to the operator's own autoscaler: the HPA goes.
+        user_apply(&api, &example(&redis, json!({}))).await;
+        wait_deleted(&hpas, "churn-scorer", "the HPA")
+            .await
+            .expect("deleted");
+    })
+    .await;
+}

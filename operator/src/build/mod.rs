@@ -4,11 +4,13 @@
 pub mod batch;
 pub mod config;
 pub mod deployment;
+pub mod hpa;
 pub mod names;
 pub mod pod;
 pub mod service;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -53,6 +55,8 @@ pub struct Children {
     pub pod_disruption_budget: PodDisruptionBudget,
     /// `{name}-batch`, when the spec has a batch.
     pub cron_job: Option<CronJob>,
+    /// `{name}-scorer`, when `autoscaling.mode` is `hpa`.
+    pub horizontal_pod_autoscaler: Option<HorizontalPodAutoscaler>,
 }
 
 /// Builds every child of `resource`.
@@ -68,6 +72,7 @@ pub fn build(
         service: service::service(resource)?,
         pod_disruption_budget: service::pod_disruption_budget(resource)?,
         cron_job: batch::cron_job(resource, options)?,
+        horizontal_pod_autoscaler: hpa::horizontal_pod_autoscaler(resource)?,
         scorer_config,
     })
 }

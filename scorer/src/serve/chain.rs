@@ -186,7 +186,10 @@ impl Scorer {
         self.metrics.answered(source, started.elapsed());
         match &result {
             Ok(answer) if answer.hit => self.traffic.hit(),
-            _ => self.traffic.miss(),
+            _ => {
+                self.traffic.miss();
+                self.metrics.cache_miss();
+            }
         }
         result
     }

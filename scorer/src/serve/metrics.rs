@@ -60,6 +60,7 @@ pub struct Metrics {
     /// The registry `/metrics` encodes.
     pub registry: Registry,
     requests: Family<SourceLabel, Counter>,
+    misses: Counter,
     latency: Family<SourceLabel, Histogram>,
     lookups: Family<LookupLabel, Counter>,
     batch_rows: Histogram,
@@ -78,6 +79,12 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("millrace_scorer");
         let requests = Family::<SourceLabel, Counter>::default();
+        let misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Requests no cache tier answered (the autoscaling signal)",
+            misses.clone(),
+        );
         // 50 µs to ~1.6 s: memory hits sit at the bottom, budget-bound misses near the top.
         let latency = Family::<SourceLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
@@ -161,6 +168,7 @@ impl Default for Metrics {
         Self {
             registry,
             requests,
+            misses,
             latency,
             lookups,
             batch_rows,
@@ -185,6 +193,11 @@ impl Metrics {
         self.latency
             .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A request no cache tier answered.
+    pub fn cache_miss(&self) {
+        self.misses.inc();
     }
 
     /// A lookup in `tier` that hit or missed.
