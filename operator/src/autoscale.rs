@@ -105,13 +105,7 @@ pub fn decide(
     now_ms: u64,
     history: &mut Recommendations,
 ) -> Decision {
-    let fresh: Vec<&TrafficWindow> = windows
-        .iter()
-        .filter(|w| {
-            let max_age = Duration::from_millis(u64::from(w.window_ms) * 3).max(policy.sync_period);
-            !w.is_stale(now_ms, max_age)
-        })
-        .collect();
+    let fresh = fresh_windows(policy, windows, now_ms);
     let clamp = |n: i32| n.clamp(policy.min_replicas, policy.max_replicas);
     if fresh.is_empty() {
         let desired = clamp(current);
@@ -170,6 +164,22 @@ pub fn decide(
         hit_rate,
         reporting,
     }
+}
+
+/// The windows recent enough to act on: younger than three of their own lengths, or the
+/// sync period if that is longer.
+pub fn fresh_windows<'a>(
+    policy: &Policy,
+    windows: &'a [TrafficWindow],
+    now_ms: u64,
+) -> Vec<&'a TrafficWindow> {
+    windows
+        .iter()
+        .filter(|w| {
+            let max_age = Duration::from_millis(u64::from(w.window_ms) * 3).max(policy.sync_period);
+            !w.is_stale(now_ms, max_age)
+        })
+        .collect()
 }
 
 impl Recommendations {

@@ -7,7 +7,8 @@
 //! Redis read and, only when the count changes, one scale write: never a re-apply of every
 //! child. The status stays single-writer: the loop keeps its latest view here and asks the
 //! reconciler to run only when what the status shows should change (replicas, or the miss
-//! rate or hit rate moving noticeably, or a minute since the last refresh).
+//! rate or hit rate moving noticeably). A resource whose scorers report nothing costs one
+//! Redis read per period and no API call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,7 @@ use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
 use crate::apply::scale;
-use crate::autoscale::{Decision, Policy, Recommendations, decide};
+use crate::autoscale::{Decision, Policy, Recommendations, decide, fresh_windows};
 use crate::build::config::key_prefix;
 use crate::build::names::scorer_name;
 use crate::controller::{Context, event, redis_url, resource_key};
@@ -35,15 +36,11 @@ use crate::controller::{Context, event, redis_url, resource_key};
 /// How often the loop looks for resources whose sync is due.
 const TICK: Duration = Duration::from_secs(1);
 
-/// How long a shown view may go without a refresh.
-const REFRESH: Duration = Duration::from_secs(60);
-
 #[derive(Default)]
 struct Tracked {
     history: Recommendations,
     next_sync: Option<Instant>,
     shown: Option<AutoscalingStatus>,
-    shown_at: Option<Instant>,
     last_scale_time: Option<Time>,
 }
 
@@ -118,6 +115,28 @@ async fn sync(
 ) -> Result<(), crate::error::Error> {
     let namespace = resource.namespace().unwrap_or_default();
     let name = scorer_name(resource);
+    let keyspace = Keyspace::new(&key_prefix(resource), &resource.spec.model.version);
+    let windows = match redis_url(resource, ctx).await {
+        Ok(url) => ctx
+            .redis
+            .traffic(&url, resource.spec.cache.redis.cluster, &keyspace.traffic())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let windows: Vec<_> = match windows {
+        Ok(windows) => windows.into_iter().map(|(_, w)| w).collect(),
+        Err(error) => {
+            warn!(resource = %key, %error, "cannot read the scorers' traffic");
+            Vec::new()
+        }
+    };
+    // No fresh data means no decision to make (the count is kept, never lowered): skip the
+    // API server entirely, so idle resources cost one Redis read per period.
+    let now = now_ms();
+    if fresh_windows(policy, &windows, now).is_empty() {
+        return Ok(());
+    }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(current_scale) = deployments
         .get_scale(&name)
@@ -141,27 +160,10 @@ async fn sync(
         .unwrap_or(policy.min_replicas);
     let running = current_scale.status.as_ref().map_or(0, |s| s.replicas);
 
-    let keyspace = Keyspace::new(&key_prefix(resource), &resource.spec.model.version);
-    let windows = match redis_url(resource, ctx).await {
-        Ok(url) => ctx
-            .redis
-            .traffic(&url, resource.spec.cache.redis.cluster, &keyspace.traffic())
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let windows: Vec<_> = match windows {
-        Ok(windows) => windows.into_iter().map(|(_, w)| w).collect(),
-        Err(error) => {
-            // No data: the decision keeps the count; it never lowers it.
-            warn!(resource = %key, %error, "cannot read the scorers' traffic");
-            Vec::new()
-        }
-    };
     let decision = {
         let mut tracked = ctx.autoscaler.lock();
         let entry = tracked.entry(key.to_string()).or_default();
-        decide(policy, current, &windows, now_ms(), &mut entry.history)
+        decide(policy, current, &windows, now, &mut entry.history)
     };
     if decision.desired != current {
         scale(&ctx.client, resource, &name, decision.desired).await?;
@@ -189,11 +191,9 @@ async fn sync(
     let show = {
         let mut tracked = ctx.autoscaler.lock();
         let entry = tracked.entry(key.to_string()).or_default();
-        let stale = entry.shown_at.is_none_or(|at| at.elapsed() >= REFRESH);
-        let worth = stale || worth_showing(entry.shown.as_ref(), &view);
+        let worth = worth_showing(entry.shown.as_ref(), &view);
         if worth {
             entry.shown = Some(view);
-            entry.shown_at = Some(Instant::now());
         }
         worth
     };

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod cli;
 pub mod fetch;
+pub mod job;
 pub mod model;
 pub mod serve;
 pub mod warm;

@@ -10,16 +10,15 @@
 //! skipped.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use millrace_crds::config::{REDIS_URL_ENV, ScorerConfig};
 use millrace_crds::keys::{CachedPrediction, now_ms};
 use millrace_crds::spec::MissingFeaturePolicy;
 use tracing::info;
 
-use crate::model::{Model, ModelError, SessionOptions};
+use crate::job::{JobArgs, JobError};
+use crate::model::{ModelError, SessionOptions};
 use crate::serve::breaker::BreakerPolicy;
 use crate::serve::metrics::Metrics;
 use crate::serve::settings::ServeSettings;
@@ -31,38 +30,23 @@ const CHUNK: usize = 512;
 /// `warm`'s flags.
 #[derive(Args, Debug, Clone)]
 pub struct WarmArgs {
-    /// The config file the operator renders.
-    #[arg(
-        long,
-        env = "MILLRACE_CONFIG",
-        default_value = "/etc/millrace/scorer.json"
-    )]
-    pub config: PathBuf,
-    /// The Redis URL (a node of the cluster when `cache.redisCluster`).
-    #[arg(long, env = REDIS_URL_ENV)]
-    pub redis_url: String,
+    /// The config, Redis and model.
+    #[command(flatten)]
+    pub job: JobArgs,
     /// How many of the most active entities to warm.
     #[arg(long, env = "MILLRACE_WARM_TOP", default_value_t = 10_000)]
     pub top: usize,
     /// How many recent hours of activity count.
     #[arg(long, default_value_t = 2)]
     pub hours: u64,
-    /// Load the model from here instead of the config's `model.path`.
-    #[arg(long, env = "MILLRACE_MODEL_PATH")]
-    pub model_path: Option<PathBuf>,
 }
 
 /// Why warming failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
-    /// The config is unusable.
-    #[error("config {path}: {message}")]
-    Config {
-        /// The file.
-        path: String,
-        /// Why.
-        message: String,
-    },
+    /// The config or the model could not be loaded.
+    #[error(transparent)]
+    Job(#[from] JobError),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -86,30 +70,17 @@ pub struct WarmSummary {
 
 /// Runs one warm pass.
 pub async fn run(args: WarmArgs) -> Result<WarmSummary, WarmError> {
-    let path = args.config.display().to_string();
-    let config_error = |message: String| WarmError::Config {
-        path: path.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(&args.config).map_err(|e| config_error(e.to_string()))?;
-    let config = ScorerConfig::from_json(&text).map_err(|e| config_error(e.to_string()))?;
-    let settings = ServeSettings::from_config(&config).map_err(|e| config_error(e.to_string()))?;
-    let model_path = args
-        .model_path
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&config.model.path));
-    let model = Model::load_with(
-        &model_path,
-        config.model.inputs.len(),
-        config.model.input_tensor.as_deref(),
-        config.model.output.as_deref(),
-        &config.execution_providers,
+    let config = args.job.load_config()?;
+    let settings =
+        ServeSettings::from_config(&config).map_err(|e| args.job.config_error(e.to_string()))?;
+    let model = args.job.load_model(
+        &config,
         SessionOptions {
             intra_op_threads: Some(1),
         },
     )?;
     let redis = Arc::new(RedisTier::new(
-        args.redis_url.clone(),
+        args.job.redis_url.clone(),
         settings.redis_cluster,
         settings.keyspace.clone(),
         BreakerPolicy {

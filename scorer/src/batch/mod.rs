@@ -27,17 +27,16 @@ pub mod scoring;
 pub mod shard;
 pub mod writer;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
 use futures::TryStreamExt;
-use millrace_crds::config::{REDIS_URL_ENV, ScorerConfig};
 use millrace_crds::keys::{Keyspace, now_ms};
 use millrace_crds::spec::duration;
 use tracing::info;
 
-use crate::model::{Model, ModelError, SessionOptions};
+use crate::job::{JobArgs, JobError};
+use crate::model::{ModelError, SessionOptions};
 use convert::{ConvertError, Location, convert};
 use input::{Input, InputError};
 use progress::Progress;
@@ -50,16 +49,9 @@ const DEFAULT_BATCH_SIZE: usize = 4096;
 /// `batch`'s flags.
 #[derive(Args, Debug, Clone)]
 pub struct BatchArgs {
-    /// The config file the operator renders.
-    #[arg(
-        long,
-        env = "MILLRACE_CONFIG",
-        default_value = "/etc/millrace/scorer.json"
-    )]
-    pub config: PathBuf,
-    /// The Redis URL (a node of the cluster when `cache.redisCluster`).
-    #[arg(long, env = REDIS_URL_ENV)]
-    pub redis_url: String,
+    /// The config, Redis and model.
+    #[command(flatten)]
+    pub job: JobArgs,
     /// The generation this run writes (the Job's name).
     #[arg(long, env = "MILLRACE_GENERATION")]
     pub generation: String,
@@ -69,9 +61,6 @@ pub struct BatchArgs {
     /// This shard's index, 0-based.
     #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
     pub shard_index: usize,
-    /// Load the model from here instead of the config's `model.path`.
-    #[arg(long, env = "MILLRACE_MODEL_PATH")]
-    pub model_path: Option<PathBuf>,
     /// Read this URI instead of the config's `features.offline.uri`.
     #[arg(long, env = "MILLRACE_INPUT")]
     pub input: Option<String>,
@@ -87,14 +76,9 @@ pub struct BatchArgs {
 /// Why a shard failed. The shard is then not recorded as done, and the run is not published.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    /// The config is unusable.
-    #[error("config {path}: {message}")]
-    Config {
-        /// The file.
-        path: String,
-        /// Why.
-        message: String,
-    },
+    /// The config or the model could not be loaded.
+    #[error(transparent)]
+    Job(#[from] JobError),
     /// The shard index is out of range.
     #[error("shard index {index} is not below the shard count {shards}")]
     Shard {
@@ -179,13 +163,8 @@ async fn published_generation(
 
 /// Runs one shard.
 pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
-    let path = args.config.display().to_string();
-    let config_error = |message: String| BatchError::Config {
-        path: path.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(&args.config).map_err(|e| config_error(e.to_string()))?;
-    let config = ScorerConfig::from_json(&text).map_err(|e| config_error(e.to_string()))?;
+    let config_error = |message: String| BatchError::Job(args.job.config_error(message));
+    let config = args.job.load_config()?;
     let offline = config.features.offline.as_ref();
     let uri = match (&args.input, offline) {
         (Some(uri), _) => uri.clone(),
@@ -218,16 +197,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let ttl_ms = ttl.as_millis().max(1) as u64;
     let keyspace = config.keyspace();
 
-    let model_path = args
-        .model_path
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&config.model.path));
-    let model = Arc::new(Model::load_with(
-        &model_path,
-        config.model.inputs.len(),
-        config.model.input_tensor.as_deref(),
-        config.model.output.as_deref(),
-        &config.execution_providers,
+    let model = Arc::new(args.job.load_model(
+        &config,
         SessionOptions {
             intra_op_threads: (args.inference_threads > 0).then_some(args.inference_threads),
         },
@@ -245,7 +216,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     );
 
     let writer = Arc::new(
-        PredictionWriter::connect(&args.redis_url, config.cache.redis_cluster, ttl_ms)
+        PredictionWriter::connect(&args.job.redis_url, config.cache.redis_cluster, ttl_ms)
             .await
             .map_err(|source| BatchError::Redis {
                 during: "connecting",

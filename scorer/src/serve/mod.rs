@@ -17,16 +17,15 @@ pub mod store;
 pub mod traffic;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
-use millrace_crds::config::{REDIS_URL_ENV, ScorerConfig};
 use millrace_crds::spec::duration;
 use tracing::{info, warn};
 
+use crate::job::{JobArgs, JobError};
 use crate::model::{Model, ModelError, SessionOptions};
 use activity::ActivitySampler;
 use batcher::{BatchPolicy, MicroBatcher};
@@ -42,19 +41,9 @@ use traffic::TrafficCounter;
 /// the pod's own facts and limits.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// The config file the operator renders.
-    #[arg(
-        long,
-        env = "MILLRACE_CONFIG",
-        default_value = "/etc/millrace/scorer.json"
-    )]
-    pub config: PathBuf,
-    /// The Redis URL (a node of the cluster when `cache.redisCluster`).
-    #[arg(long, env = REDIS_URL_ENV)]
-    pub redis_url: String,
-    /// Load the model from here instead of the config's `model.path`.
-    #[arg(long, env = "MILLRACE_MODEL_PATH")]
-    pub model_path: Option<PathBuf>,
+    /// The config, Redis and model.
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Listen here instead of `0.0.0.0:<serving.port>`.
     #[arg(long, env = "MILLRACE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -103,24 +92,10 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 /// Why `serve` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The config file could not be read.
-    #[error("cannot read the config {path}: {source}")]
-    ReadConfig {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config is invalid.
-    #[error("invalid config {path}: {message}")]
-    Config {
-        /// The file.
-        path: String,
-        /// Why.
-        message: String,
-    },
-    /// The model could not be loaded or warmed up.
+    /// The config or the model could not be loaded.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The model could not be warmed up.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// The listener or the inference thread could not start.
@@ -130,35 +105,22 @@ pub enum ServeError {
 
 /// Runs the online path until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
-    let path = args.config.display().to_string();
-    let text = std::fs::read_to_string(&args.config).map_err(|source| ServeError::ReadConfig {
-        path: path.clone(),
-        source,
-    })?;
-    let config = ScorerConfig::from_json(&text).map_err(|e| ServeError::Config {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let settings = ServeSettings::from_config(&config).map_err(|e| ServeError::Config {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let config = args.job.load_config()?;
+    let settings =
+        ServeSettings::from_config(&config).map_err(|e| args.job.config_error(e.to_string()))?;
 
     let metrics = Arc::new(Metrics::default());
-    let model_path = args
-        .model_path
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&config.model.path));
-    let model = Arc::new(Model::load_with(
-        &model_path,
-        config.model.inputs.len(),
-        config.model.input_tensor.as_deref(),
-        config.model.output.as_deref(),
-        &config.execution_providers,
-        SessionOptions {
-            intra_op_threads: Some(1),
-        },
-    )?);
+    let model_path = args.job.model_path(&config);
+    let model = Arc::new(
+        args.job
+            .load_model(
+                &config,
+                SessionOptions {
+                    intra_op_threads: Some(1),
+                },
+            )
+            .map_err(JobError::from)?,
+    );
     warm_up(&model, settings.max_batch_rows)?;
     let provider = format!("{:?}", model.provider()).to_lowercase();
     metrics.model_loaded(&settings.model_version, &provider);
@@ -174,7 +136,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         Arc::clone(&metrics),
     )?;
     let redis = Arc::new(RedisTier::new(
-        args.redis_url.clone(),
+        args.job.redis_url.clone(),
         settings.redis_cluster,
         settings.keyspace.clone(),
         BreakerPolicy {
