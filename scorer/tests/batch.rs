@@ -38,6 +38,17 @@ fn features_of(i: usize) -> [f32; 4] {
 
 /// Writes `ids` (with `features_of`) to `path` in row groups of `row_group` rows.
 fn write_parquet(path: &Path, ids: &[usize], row_group: usize) {
+    write_parquet_with(path, ids, row_group, |i| i);
+}
+
+/// Writes `ids` to `path` in row groups of `row_group` rows, entity `i` with the features
+/// of `feature_source(i)`.
+fn write_parquet_with(
+    path: &Path,
+    ids: &[usize],
+    row_group: usize,
+    feature_source: impl Fn(usize) -> usize,
+) {
     let columns: Vec<(&str, ArrayRef)> = std::iter::once((
         "user_id",
         Arc::new(StringArray::from(
@@ -48,7 +59,9 @@ fn write_parquet(path: &Path, ids: &[usize], row_group: usize) {
         (
             *name,
             Arc::new(Float32Array::from(
-                ids.iter().map(|&i| features_of(i)[j]).collect::<Vec<_>>(),
+                ids.iter()
+                    .map(|&i| features_of(feature_source(i))[j])
+                    .collect::<Vec<_>>(),
             )) as ArrayRef,
         )
     }))
@@ -594,32 +607,6 @@ async fn bad_input_names_the_file_column_and_row_group() {
     }
 }
 
-/// Writes `ids` to `path`, with the features of `feature_source(i)` for entity `i`.
-fn write_parquet_with(path: &Path, ids: &[usize], feature_source: impl Fn(usize) -> usize) {
-    let columns: Vec<(&str, ArrayRef)> = std::iter::once((
-        "user_id",
-        Arc::new(StringArray::from(
-            ids.iter().map(|i| format!("e{i}")).collect::<Vec<_>>(),
-        )) as ArrayRef,
-    ))
-    .chain(INPUTS.iter().enumerate().map(|(j, name)| {
-        (
-            *name,
-            Arc::new(Float32Array::from(
-                ids.iter()
-                    .map(|&i| features_of(feature_source(i))[j])
-                    .collect::<Vec<_>>(),
-            )) as ArrayRef,
-        )
-    }))
-    .collect();
-    write_batch(
-        path,
-        RecordBatch::try_from_iter(columns).expect("batch"),
-        100,
-    );
-}
-
 async fn raw_values(
     conn: &mut redis::aio::MultiplexedConnection,
     generation: &str,
@@ -642,11 +629,11 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     std::fs::create_dir_all(setup.lake().join("day1")).expect("dir");
     std::fs::create_dir_all(setup.lake().join("day2")).expect("dir");
     let day1: Vec<usize> = (0..1_000).collect();
-    write_parquet_with(&setup.lake().join("day1/p.parquet"), &day1, |i| i);
+    write_parquet(&setup.lake().join("day1/p.parquet"), &day1, 100);
     // Day 2: every tenth entity's features changed, and five entities are new.
     let day2: Vec<usize> = (0..1_005).collect();
     let changed = |i: usize| i % 10 == 3;
-    write_parquet_with(&setup.lake().join("day2/p.parquet"), &day2, |i| {
+    write_parquet_with(&setup.lake().join("day2/p.parquet"), &day2, 100, |i| {
         if changed(i) { i + 50_000 } else { i }
     });
 
