@@ -379,21 +379,8 @@ async fn parquet_on_s3_is_read_with_credentials_from_the_environment() {
     write_parquet(&setup.lake().join("a.parquet"), &ids[..400], 100);
     write_parquet(&setup.lake().join("b.parquet"), &ids[400..], 100);
     let moto = Moto::start();
-    let endpoint = format!("http://127.0.0.1:{}", moto.port);
-    let status = Command::new("curl")
-        .args(["-sf", "-X", "PUT", &format!("{endpoint}/lake")])
-        .status()
-        .expect("curl");
-    assert!(status.success());
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name("lake")
-        .with_region("us-east-1")
-        .with_endpoint(&endpoint)
-        .with_allow_http(true)
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .build()
-        .expect("s3");
+    let endpoint = moto.endpoint();
+    let store = moto.bucket("lake");
     for name in ["a.parquet", "b.parquet"] {
         let bytes = std::fs::read(setup.lake().join(name)).expect("read");
         store

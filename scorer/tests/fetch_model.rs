@@ -137,7 +137,7 @@ fn an_unsupported_scheme_is_refused() {
 async fn an_s3_model_is_downloaded_with_credentials_from_the_environment() {
     use object_store::ObjectStoreExt;
     let moto = Moto::start();
-    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let endpoint = moto.endpoint();
     let env = [
         ("AWS_ACCESS_KEY_ID", "test".to_string()),
         ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
@@ -145,21 +145,7 @@ async fn an_s3_model_is_downloaded_with_credentials_from_the_environment() {
         ("AWS_ENDPOINT", endpoint.clone()),
         ("AWS_ALLOW_HTTP", "true".to_string()),
     ];
-    // Create the bucket (moto accepts a plain PUT) and upload the model.
-    let status = Command::new("curl")
-        .args(["-sf", "-X", "PUT", &format!("{endpoint}/models")])
-        .status()
-        .expect("curl");
-    assert!(status.success(), "create the bucket");
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name("models")
-        .with_region("us-east-1")
-        .with_endpoint(&endpoint)
-        .with_allow_http(true)
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .build()
-        .expect("s3 client");
+    let store = moto.bucket("models");
     store
         .put(&"churn/3/model.onnx".into(), MODEL.to_vec().into())
         .await

@@ -117,17 +117,25 @@ impl Scoring {
             self.score(oldest).await?;
         }
         while let Some(done) = self.writes.join_next().await {
-            self.written +=
-                done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+            self.count(done)?;
         }
         Ok(())
     }
 
     fn reap(&mut self) -> Result<(), BatchError> {
         while let Some(done) = self.writes.try_join_next() {
-            self.written +=
-                done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+            self.count(done)?;
         }
+        Ok(())
+    }
+
+    /// Adds a finished write's predictions, or fails with its error.
+    fn count(
+        &mut self,
+        done: Result<Result<u64, BatchError>, tokio::task::JoinError>,
+    ) -> Result<(), BatchError> {
+        self.written +=
+            done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
         Ok(())
     }
 

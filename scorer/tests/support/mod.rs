@@ -309,6 +309,31 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// The server's URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates `bucket` (moto accepts a plain PUT) and returns a client for it.
+    pub fn bucket(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        let status = Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", self.endpoint())])
+            .status()
+            .expect("curl");
+        assert!(status.success(), "create the bucket {bucket}");
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .expect("s3 client")
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
