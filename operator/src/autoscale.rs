@@ -183,6 +183,12 @@ pub fn fresh_windows<'a>(
 }
 
 impl Recommendations {
+    /// Records that `replicas` were kept at `now_ms` for lack of data, so that a window of
+    /// silence still counts as holding the count when data returns.
+    pub fn hold(&mut self, now_ms: u64, replicas: i32, policy: &Policy) {
+        self.push(now_ms, replicas, policy.stabilization);
+    }
+
     fn push(&mut self, now_ms: u64, recommendation: i32, keep: Duration) {
         self.entries.push_back((now_ms, recommendation));
         let horizon = now_ms.saturating_sub(keep.as_millis() as u64);
@@ -321,6 +327,25 @@ mod tests {
         // Missing data still allows scaling up.
         let d = decide(&p, 5, &windows(2, 1_000.0, now), now, &mut history);
         assert_eq!((d.desired, d.reason), (10, Reason::ScaleUp));
+    }
+
+    #[test]
+    fn silence_counts_as_holding_for_the_stabilization_window() {
+        let p = policy();
+        let mut history = Recommendations::default();
+        let t0 = 1_000_000;
+        assert_eq!(
+            decide(&p, 8, &windows(8, 800.0, t0), t0, &mut history).desired,
+            8
+        );
+        // Metrics cut for two minutes (longer than the 60 s window), the count held.
+        for step in 1..=8 {
+            history.hold(t0 + step * SYNC, 8, &p);
+        }
+        // Data returns, low: the recent holds keep the replicas for a window.
+        let back = t0 + 9 * SYNC;
+        let d = decide(&p, 8, &windows(8, 100.0, back), back, &mut history);
+        assert_eq!((d.desired, d.reason), (8, Reason::Stabilizing));
     }
 
     #[test]

@@ -41,6 +41,8 @@ struct Tracked {
     history: Recommendations,
     next_sync: Option<Instant>,
     shown: Option<AutoscalingStatus>,
+    /// The replica count of the last sync with data.
+    last_replicas: Option<i32>,
     last_scale_time: Option<Time>,
 }
 
@@ -135,6 +137,12 @@ async fn sync(
     // API server entirely, so idle resources cost one Redis read per period.
     let now = now_ms();
     if fresh_windows(policy, &windows, now).is_empty() {
+        // Silence holds the count: the stabilization window must see it when data returns.
+        let mut tracked = ctx.autoscaler.lock();
+        let entry = tracked.entry(key.to_string()).or_default();
+        if let Some(replicas) = entry.last_replicas {
+            entry.history.hold(now, replicas, policy);
+        }
         return Ok(());
     }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -163,7 +171,9 @@ async fn sync(
     let decision = {
         let mut tracked = ctx.autoscaler.lock();
         let entry = tracked.entry(key.to_string()).or_default();
-        decide(policy, current, &windows, now, &mut entry.history)
+        let decision = decide(policy, current, &windows, now, &mut entry.history);
+        entry.last_replicas = Some(decision.desired);
+        decision
     };
     if decision.desired != current {
         scale(&ctx.client, resource, &name, decision.desired).await?;
