@@ -43,6 +43,10 @@ struct Tracked {
     shown: Option<AutoscalingStatus>,
     /// The replica count of the last sync with data.
     last_replicas: Option<i32>,
+    /// Since when misses have been at or above the warming threshold.
+    high_since: Option<u64>,
+    /// When this operator last started a warm Job.
+    last_warm: Option<u64>,
     last_scale_time: Option<Time>,
 }
 
@@ -184,6 +188,9 @@ async fn sync(
     }
     ctx.metrics
         .set_replicas(&namespace, &resource.name_any(), decision.desired, running);
+    if let Err(error) = maybe_warm(ctx, resource, key, decision.misses_per_second, now).await {
+        warn!(resource = %key, %error, "cannot start a warm Job");
+    }
 
     let view = {
         let tracked = ctx.autoscaler.lock();
@@ -211,6 +218,76 @@ async fn sync(
         let object = ObjectRef::new(&resource.name_any()).within(&namespace);
         // A full channel means a reconcile is already coming; dropping is harmless.
         let _ = triggers.try_send(object);
+    }
+    Ok(())
+}
+
+/// Starts a warm Job when misses have stayed at or above `warming.missesPerSecond` for
+/// `warming.window` and none ran within `warming.cooldown`.
+async fn maybe_warm(
+    ctx: &Context,
+    resource: &InferenceDeployment,
+    key: &str,
+    misses_per_second: Option<f64>,
+    now: u64,
+) -> Result<(), crate::error::Error> {
+    use millrace_crds::spec::duration;
+    let warming = &resource.spec.autoscaling.warming;
+    if warming.misses_per_second <= 0 {
+        return Ok(());
+    }
+    let window = duration::parse(&warming.window).unwrap_or(Duration::from_secs(120));
+    let cooldown = duration::parse(&warming.cooldown).unwrap_or(Duration::from_secs(1_800));
+    let due = {
+        let mut tracked = ctx.autoscaler.lock();
+        let entry = tracked.entry(key.to_string()).or_default();
+        let high = misses_per_second.is_some_and(|m| m >= f64::from(warming.misses_per_second));
+        entry.high_since = if high {
+            entry.high_since.or(Some(now))
+        } else {
+            None
+        };
+        let held = entry
+            .high_since
+            .is_some_and(|since| now.saturating_sub(since) >= window.as_millis() as u64);
+        let cooled = entry
+            .last_warm
+            .is_none_or(|at| now.saturating_sub(at) >= cooldown.as_millis() as u64);
+        held && cooled
+    };
+    if !due {
+        return Ok(());
+    }
+    let children = crate::build::build(resource, &ctx.options)?;
+    let name = crate::build::warm::warm_job_name(resource, now, cooldown);
+    let job = crate::build::warm::warm_job(resource, &children.deployment, &name)?;
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(
+        ctx.client.clone(),
+        &resource.namespace().unwrap_or_default(),
+    );
+    let created = match jobs.create(&Default::default(), &job).await {
+        Ok(_) => true,
+        // This cooldown period's Job exists already (a restarted operator): not again.
+        Err(kube::Error::Api(status)) if status.code == 409 => false,
+        Err(e) => return Err(crate::error::Error::kube("creating the warm Job")(e)),
+    };
+    if let Some(entry) = ctx.autoscaler.lock().get_mut(key) {
+        entry.last_warm = Some(now);
+    }
+    if created {
+        event(
+            ctx,
+            resource,
+            EventType::Normal,
+            "WarmStarted",
+            "Warm",
+            format!(
+                "misses stayed at or above {}/s for {}: warming the {} most active entities (Job {name})",
+                warming.misses_per_second, warming.window, warming.top
+            ),
+        )
+        .await;
+        info!(job = %name, "started a warm Job");
     }
     Ok(())
 }

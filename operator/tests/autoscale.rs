@@ -190,3 +190,58 @@ async fn misses_drive_replicas_with_hpa_semantics() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn misses_that_stay_high_start_one_warm_job_per_cooldown() {
+    use k8s_openapi::api::batch::v1::Job;
+    with_temp_ns("warming", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let resource = support::example(
+            &redis.url(),
+            json!({"spec": {"autoscaling": {
+                "minReplicas": 1, "maxReplicas": 8, "targetMissesPerReplica": 1000, "syncPeriod": "1s",
+                "warming": {"missesPerSecond": 100, "window": "2s", "top": 500, "cooldown": "1h"}
+            }}}),
+        );
+        apply_until_ready(&api, &resource).await;
+        let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+        let warm_jobs = || async {
+            jobs.list(&ListParams::default().labels("app.kubernetes.io/component=warm"))
+                .await
+                .expect("jobs")
+                .items
+        };
+        let key = Keyspace::new(&format!("{ns}/churn"), "3").traffic();
+        let load: Load = Arc::new(Mutex::new(Some((1, 50))));
+        let reporter = report(redis.url(), key, Arc::clone(&load));
+        // Below the threshold: nothing, however long.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(warm_jobs().await.is_empty(), "50 misses/s is below the 100/s threshold");
+
+        // Above it for the 2 s window: one warm Job, the scorer pod running `warm --top 500`.
+        *load.lock().expect("load") = Some((1, 300));
+        let started = Instant::now();
+        let job = loop {
+            if let Some(job) = warm_jobs().await.into_iter().next() {
+                break job;
+            }
+            assert!(started.elapsed() < Duration::from_secs(15), "no warm Job");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(started.elapsed() >= Duration::from_secs(2), "not before the window");
+        let pod = job.spec.and_then(|s| s.template.spec).expect("pod");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        assert_eq!(args[0], "warm");
+        assert!(args.windows(2).any(|w| w == ["--top", "500"]), "{args:?}");
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert!(pod.containers[0].readiness_probe.is_none());
+        // Still high, but within the 1 h cooldown: no second Job.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(warm_jobs().await.len(), 1, "one warm Job per cooldown");
+        reporter.abort();
+    })
+    .await;
+}

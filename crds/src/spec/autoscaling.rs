@@ -49,6 +49,11 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_tolerance_percent")]
     #[schemars(range(min = 0, max = 100))]
     pub tolerance_percent: i32,
+
+    /// Warm the cache when misses stay high: the operator runs `millrace-scorer warm` as a
+    /// Job. Applies in every mode. Off by default.
+    #[serde(default)]
+    pub warming: WarmingSpec,
 }
 
 impl Default for AutoscalingSpec {
@@ -61,6 +66,7 @@ impl Default for AutoscalingSpec {
             sync_period: default_sync_period(),
             scale_down_stabilization: default_stabilization(),
             tolerance_percent: default_tolerance_percent(),
+            warming: WarmingSpec::default(),
         }
     }
 }
@@ -100,4 +106,55 @@ pub enum AutoscalingMode {
     Hpa,
     /// Nobody: replicas are left to the user.
     Disabled,
+}
+
+/// When the operator warms the cache of the most active entities.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmingSpec {
+    /// Run a warm Job when misses per second, all scorers together, stay at or above this
+    /// for `window`. 0 turns warming off. Default: 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10_000_000))]
+    pub misses_per_second: i32,
+
+    /// How long misses must stay high before a warm Job runs. Default: 2m.
+    #[serde(default = "default_warming_window")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('1h')").message("warming.window must be at most 1h"))]
+    pub window: String,
+
+    /// Entities to warm: the most active ones. Default: 10000.
+    #[serde(default = "default_warming_top")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub top: i32,
+
+    /// Least time between two warm Jobs. Default: 30m.
+    #[serde(default = "default_warming_cooldown")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('24h')").message("warming.cooldown must be between 1m and 24h"))]
+    pub cooldown: String,
+}
+
+impl Default for WarmingSpec {
+    fn default() -> Self {
+        Self {
+            misses_per_second: 0,
+            window: default_warming_window(),
+            top: default_warming_top(),
+            cooldown: default_warming_cooldown(),
+        }
+    }
+}
+
+fn default_warming_window() -> String {
+    "2m".to_string()
+}
+
+fn default_warming_top() -> i32 {
+    10_000
+}
+
+fn default_warming_cooldown() -> String {
+    "30m".to_string()
 }

@@ -8,6 +8,7 @@ pub mod hpa;
 pub mod names;
 pub mod pod;
 pub mod service;
+pub mod warm;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;

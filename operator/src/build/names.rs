@@ -27,6 +27,8 @@ pub enum Component {
     Scorer,
     /// The batch precompute (CronJob and its Jobs).
     Batch,
+    /// Warm Jobs the autoscaler runs when misses stay high.
+    Warm,
 }
 
 impl Component {
@@ -34,6 +36,7 @@ impl Component {
         match self {
             Component::Scorer => "scorer",
             Component::Batch => "batch",
+            Component::Warm => "warm",
         }
     }
 }
