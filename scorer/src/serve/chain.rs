@@ -256,7 +256,18 @@ impl Scorer {
 
         let computed = if supplied.is_empty() {
             self.flights
-                .run(id, || self.compute(id, supplied, deadline))
+                .run(id, || async {
+                    // A flight for this entity may have finished between this request's
+                    // memory miss and now: take its answer rather than compute again.
+                    match self.memory.get(id) {
+                        Some(remembered) => Ok(Computed {
+                            prediction: remembered.prediction,
+                            degraded_features: false,
+                            filled: false,
+                        }),
+                        None => self.compute(id, supplied, deadline).await,
+                    }
+                })
                 .await
                 .0
         } else {
@@ -270,17 +281,6 @@ impl Scorer {
                 }
                 if computed.degraded_features || computed.filled {
                     push_once(&mut degraded, Degradation::MissingFeatures);
-                }
-                if !computed.degraded_features {
-                    self.memory.insert(
-                        id,
-                        Remembered {
-                            prediction: computed.prediction,
-                            origin: Origin::Realtime,
-                        },
-                    );
-                    self.redis
-                        .write_back(id, computed.prediction, self.settings.realtime_ttl);
                 }
                 Ok(Answer {
                     value: computed.prediction.value,
@@ -373,11 +373,25 @@ impl Scorer {
                 InferError::Model(_) | InferError::Stopped => Degradation::ModelError,
             })?;
         let value = values.first().copied().ok_or(Degradation::ModelError)?;
-        Ok(Computed {
+        let computed = Computed {
             prediction: CachedPrediction::now(value),
             degraded_features: store_failed && !assembled.missing.is_empty(),
             filled: !assembled.missing.is_empty(),
-        })
+        };
+        // Remembered before the single flight ends, so a request arriving just after it
+        // finds the answer instead of computing it again.
+        if !computed.degraded_features {
+            self.memory.insert(
+                id,
+                Remembered {
+                    prediction: computed.prediction,
+                    origin: Origin::Realtime,
+                },
+            );
+            self.redis
+                .write_back(id, computed.prediction, self.settings.realtime_ttl);
+        }
+        Ok(computed)
     }
 
     /// How long the next Redis call may take: its share of the budget, within what is left.
