@@ -75,6 +75,7 @@ async fn open_inference_protocol_v2() {
     let n = expected.len();
     let request = json!({
         "id": "req-1",
+        "parameters": {"binary_data_output": false},
         "inputs": [{"name": "x", "shape": [n, 8], "datatype": "FP32", "data": rows}],
         "outputs": [{"name": "y"}]
     });

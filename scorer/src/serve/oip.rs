@@ -190,14 +190,12 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Response {
     .into_response()
 }
 
-/// An inference request (the protocol's `$inference_request`).
+/// An inference request (the protocol's `$inference_request`). Its optional `parameters`
+/// (request-level and per input) carry nothing this server acts on; serde skips them.
 #[derive(Debug, Deserialize)]
 struct InferRequest {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    parameters: Option<Value>,
     inputs: Vec<RequestInput>,
     #[serde(default)]
     outputs: Option<Vec<RequestOutput>>,
@@ -208,9 +206,6 @@ struct RequestInput {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    parameters: Option<Value>,
     data: Value,
 }
 
