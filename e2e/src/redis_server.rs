@@ -1,6 +1,6 @@
 //! A real `redis-server` process on a free loopback port, for one test.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,10 +21,7 @@ impl RedisServer {
 
     /// Starts `redis-server` with extra arguments.
     fn start_with(extra: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = crate::net::free_port();
         let dir = std::env::temp_dir().join(format!("millrace-redis-{port}"));
         std::fs::create_dir_all(&dir).expect("redis dir");
         let mut server = Self {

@@ -103,13 +103,7 @@ pub async fn apply_until_ready(
         .expect("the operator makes the resource Ready")
 }
 
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use millrace_e2e::net::free_port;
 
 /// `GET path` on 127.0.0.1:`port` over plain HTTP/1.0: the status code and the body, or
 /// `None` while nothing listens.
@@ -119,12 +113,7 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+    millrace_e2e::net::parse_response(&response)
 }
 
 /// The churn example (`examples/churn.yaml`) pointed at `redis_url`, with `patch` merged in

@@ -82,13 +82,7 @@ pub fn config(model: &Path, inputs: &[&str]) -> ScorerConfig {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use millrace_e2e::net::free_port;
 
 /// `millrace-scorer serve` as a real process; killed when dropped.
 pub struct Scorer {
@@ -270,13 +264,7 @@ pub async fn raw_request(
     }
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
-    let response = String::from_utf8_lossy(&response).to_string();
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+    millrace_e2e::net::parse_response(&String::from_utf8_lossy(&response))
 }
 
 /// A moto S3 server on a free port, killed when dropped.
