@@ -93,7 +93,7 @@ async fn main() {
         .expect("namespace");
     let redis = RedisServer::start();
     // The lease lives outside the namespace the benchmark deletes at the end.
-    let port = support::free_port();
+    let port = millrace_e2e::net::free_port();
     let admin = format!("127.0.0.1:{port}");
     let mut operator = support::OperatorProcess::start_with(
         &ns,

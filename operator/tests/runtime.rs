@@ -11,10 +11,11 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use millrace_crds::InferenceDeployment;
+use millrace_e2e::net::free_port;
 use millrace_e2e::redis_server::RedisServer;
 use millrace_e2e::{install_crd, wait_named, with_temp_ns};
 use serde_json::json;
-use support::{OperatorProcess, apply_until_ready, example, free_port, http_get};
+use support::{OperatorProcess, apply_until_ready, example, http_get};
 
 async fn create_and_wait_ready(
     client: &Client,

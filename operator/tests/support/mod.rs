@@ -103,8 +103,6 @@ pub async fn apply_until_ready(
         .expect("the operator makes the resource Ready")
 }
 
-pub use millrace_e2e::net::free_port;
-
 /// `GET path` on 127.0.0.1:`port` over plain HTTP/1.0: the status code and the body, or
 /// `None` while nothing listens.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
