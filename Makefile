@@ -16,7 +16,7 @@ help:
 	@echo "make simulate compare scaling strategies on a simulated day"
 	@echo "make lint    rustfmt and clippy only"
 	@echo "make fmt     format the code"
-	@echo "make crds    regenerate crds/*.yaml from the API types"
+	@echo "make crds    regenerate the CRD, the chart's copy and docs/reference.md from the API types"
 
 setup:
 	scripts/setup.sh

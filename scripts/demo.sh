@@ -53,9 +53,9 @@ kubectl wait --for=condition=Established crd/inferencedeployments.millrace.dev >
   >"$work/operator.log" 2>&1 &
 operator_pid=$!
 
-say "kubectl apply of examples/churn.yaml (Redis pointed at the local one)"
+say "kubectl apply of examples/churn/inferencedeployment.yaml (Redis pointed at the local one)"
 kubectl create namespace millrace-demo >/dev/null
-sed 's|redis://redis.ml.svc:6379/0|redis://127.0.0.1:26379/0|' examples/churn.yaml >"$work/churn.yaml"
+sed 's|redis://redis.ml.svc:6379/0|redis://127.0.0.1:26379/0|' examples/churn/inferencedeployment.yaml >"$work/churn.yaml"
 run kubectl apply -n millrace-demo -f "$work/churn.yaml"
 kubectl wait -n millrace-demo --for=condition=Ready infd/churn --timeout=60s >/dev/null
 run kubectl get -n millrace-demo infd

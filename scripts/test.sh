@@ -17,7 +17,7 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "the committed CRD matches the code"
+step "generated files (CRD, chart copy, reference) match the code"
 cargo run --quiet --locked -p millrace-crds --bin crdgen -- --check
 
 step "build the tests"
@@ -25,7 +25,7 @@ cargo test --workspace --locked --no-run
 
 step "helm"
 helm version --short
-helm lint charts/millrace
+helm lint --strict charts/millrace
 
 step "local control plane up"
 cluster_started=

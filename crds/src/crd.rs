@@ -12,6 +12,11 @@ use crate::InferenceDeployment;
 /// Where the CRD YAML lives, relative to the workspace root.
 pub const CRD_PATH: &str = "crds/inferencedeployments.millrace.dev.yaml";
 
+/// The chart's copy of the CRD (its `templates/crd.yaml` reads it), relative to the
+/// workspace root: Helm can read files only from inside the chart.
+pub const CHART_CRD_PATH: &str =
+    "charts/millrace/files/crds/inferencedeployments.millrace.dev.yaml";
+
 /// The InferenceDeployment CRD, with field descriptions reflowed for `kubectl explain`.
 pub fn crd() -> CustomResourceDefinition {
     let mut value = serde_json::to_value(InferenceDeployment::crd())

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod crd;
 pub mod keys;
+pub mod reference;
 pub mod spec;
 pub mod status;
 pub mod traffic;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm) from the pinned Go modules under e2e/go/, and caches
+# kube-scheduler, kubectl, kwok, helm, controller-gen) from the pinned Go modules under
+# e2e/go/, and caches
 # them by version outside the work tree so a second run costs nothing.
 #
 # Each tool family is its own Go module so that their dependency versions never pull on each
@@ -53,8 +54,26 @@ build "$here/go/kubernetes" "$KUBERNETES_BIN" "$(k8s_ldflags)" \
 build "$here/go/etcd" "$ETCD_BIN" "" go.etcd.io/etcd/server/v3
 build "$here/go/kwok" "$KWOK_BIN" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
   sigs.k8s.io/kwok/cmd/kwok
-build "$here/go/helm" "$HELM_BIN" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+# Like Helm's own release build, the default Kubernetes version of `helm template` and
+# `helm lint` (without --kube-version) is the client-go minor Helm is built against; a plain
+# `go build` would leave it at v1.20 and refuse charts that need a newer cluster.
+helm_k8s_minor=$(sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "$here/go/helm/go.mod")
+build "$here/go/helm" "$HELM_BIN" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean \
+  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor \
+  -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor" \
   helm.sh/helm/v3/cmd/helm
+
+build "$here/go/monitoring" "$MONITORING_DIR" "" sigs.k8s.io/controller-tools/cmd/controller-gen
+# The monitoring.coreos.com CRDs the chart's ServiceMonitors and PrometheusRule are checked
+# against (server-side dry-run), generated from the pinned API types like upstream does.
+if [ ! -s "$MONITORING_DIR/crds/monitoring.coreos.com_servicemonitors.yaml" ]; then
+  log "generating the monitoring.coreos.com CRDs"
+  types=$(cd "$here/go/monitoring" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring)
+  rm -rf "$MONITORING_DIR/crds.tmp" && mkdir -p "$MONITORING_DIR/crds.tmp"
+  ( cd "$types" && "$MONITORING_DIR/controller-gen" crd:crdVersions=v1,maxDescLen=0 paths=./v1/... \
+      output:crd:dir="$MONITORING_DIR/crds.tmp" )
+  rm -rf "$MONITORING_DIR/crds" && mv "$MONITORING_DIR/crds.tmp" "$MONITORING_DIR/crds"
+fi
 
 # One directory of symlinks so PATH needs a single entry.
 mkdir -p "$TOOLS_BIN"

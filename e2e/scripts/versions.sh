@@ -14,5 +14,9 @@ _sum() { sha256sum "$_e2e_dir/go/$1/go.sum" | cut -c1-12; }
 KUBERNETES_BIN=$MILLRACE_CACHE/tools/kubernetes-$KUBERNETES_VERSION-$(_sum kubernetes)
 ETCD_BIN=$MILLRACE_CACHE/tools/etcd-$ETCD_VERSION-$(_sum etcd)
 KWOK_BIN=$MILLRACE_CACHE/tools/kwok-$KWOK_VERSION-$(_sum kwok)
-HELM_BIN=$MILLRACE_CACHE/tools/helm-$HELM_VERSION-$(_sum helm)
+# -k8s: built with its default Kubernetes version set (see build-tools.sh).
+HELM_BIN=$MILLRACE_CACHE/tools/helm-$HELM_VERSION-$(_sum helm)-k8s
+# controller-gen and, under crds/, the ServiceMonitor and PrometheusRule CRDs it generates
+# from the Prometheus Operator API types pinned in e2e/go/monitoring.
+MONITORING_DIR=$MILLRACE_CACHE/tools/monitoring-$(_sum monitoring)
 TOOLS_BIN=$MILLRACE_CACHE/bin

@@ -4,6 +4,7 @@
 //! ([`wait_for`]) instead of sleeping, so tests run in parallel and fail with a message that
 //! says what never happened.
 
+pub mod metric_names;
 pub mod net;
 pub mod redis_server;
 

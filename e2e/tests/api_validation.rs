@@ -9,7 +9,7 @@ use millrace_crds::InferenceDeployment;
 use millrace_e2e::{install_crd, merge_patch, with_temp_ns};
 use serde_json::{Value, json};
 
-const EXAMPLE: &str = include_str!("../../examples/churn.yaml");
+const EXAMPLE: &str = include_str!("../../examples/churn/inferencedeployment.yaml");
 
 fn example() -> Value {
     serde_yaml_ng::from_str(EXAMPLE).expect("the example is valid YAML")

@@ -351,6 +351,14 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         autoscaled.as_ref(),
     )
     .await?;
+    if applied.cron_job.is_some() {
+        ctx.metrics.set_batch(
+            &resource.namespace().unwrap_or_default(),
+            &resource.name_any(),
+            status.last_batch.as_ref(),
+            millrace_crds::spec::duration::parse(&resource.spec.cache.max_staleness).ok(),
+        );
+    }
     if let Some(update) = update {
         let (type_, reason) = match &update.published {
             Some(_) => (EventType::Normal, "BatchPublished"),
@@ -494,6 +502,10 @@ pub(crate) async fn redis_url(
 /// stays unreachable past `cleanup_timeout` after deletion began, gives up with a warning so
 /// deletion is never blocked forever.
 async fn cleanup(resource: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
+    ctx.metrics.forget(
+        &resource.namespace().unwrap_or_default(),
+        &resource.name_any(),
+    );
     let pattern = millrace_crds::keys::resource_scan_pattern(&key_prefix(resource));
     let result = match redis_url(resource, ctx).await {
         Ok(url) => ctx

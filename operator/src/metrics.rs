@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use millrace_crds::status::BatchRunStatus;
+
 /// The bounded label of a failure (see `Error::metric_label`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -35,6 +37,9 @@ pub struct Metrics {
     leader: Gauge,
     desired_replicas: Family<ResourceLabel, Gauge>,
     replicas: Family<ResourceLabel, Gauge>,
+    batch_succeeded: Family<ResourceLabel, Gauge>,
+    batch_last_success: Family<ResourceLabel, Gauge>,
+    batch_max_staleness: Family<ResourceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -49,6 +54,25 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let desired_replicas = Family::<ResourceLabel, Gauge>::default();
         let replicas = Family::<ResourceLabel, Gauge>::default();
+        let batch_succeeded = Family::<ResourceLabel, Gauge>::default();
+        let batch_last_success = Family::<ResourceLabel, Gauge>::default();
+        let batch_max_staleness = Family::<ResourceLabel, Gauge>::default();
+        // The chart's MillraceBatchFailed and MillraceBatchLate alerts read these three.
+        registry.register(
+            "batch_last_run_succeeded",
+            "1 when the last finished batch run was published, 0 when it was not",
+            batch_succeeded.clone(),
+        );
+        registry.register(
+            "batch_last_success_timestamp_seconds",
+            "When the serving generation's batch run completed (Unix seconds)",
+            batch_last_success.clone(),
+        );
+        registry.register(
+            "batch_max_staleness_seconds",
+            "spec.cache.maxStaleness: how old the serving generation may grow",
+            batch_max_staleness.clone(),
+        );
         registry.register(
             "autoscaler_desired_replicas",
             "Scorer replicas the autoscaler asked for, per InferenceDeployment",
@@ -83,6 +107,9 @@ impl Default for Metrics {
             leader,
             desired_replicas,
             replicas,
+            batch_succeeded,
+            batch_last_success,
+            batch_max_staleness,
         }
     }
 }
@@ -111,8 +138,148 @@ impl Metrics {
         self.replicas.get_or_create(&label).set(i64::from(running));
     }
 
+    /// Records one resource's batch state from its status: whether the last run was
+    /// published, when the last published one completed, and how stale it may grow.
+    pub fn set_batch(
+        &self,
+        namespace: &str,
+        name: &str,
+        last_batch: Option<&BatchRunStatus>,
+        max_staleness: Option<Duration>,
+    ) {
+        let label = ResourceLabel {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        if let Some(max_staleness) = max_staleness {
+            self.batch_max_staleness
+                .get_or_create(&label)
+                .set(i64::try_from(max_staleness.as_secs()).unwrap_or(i64::MAX));
+        }
+        let Some(run) = last_batch else {
+            return;
+        };
+        self.batch_succeeded
+            .get_or_create(&label)
+            .set(i64::from(run.succeeded));
+        if run.succeeded
+            && let Some(completed) = &run.completion_time
+        {
+            self.batch_last_success
+                .get_or_create(&label)
+                .set(completed.0.as_second());
+        }
+    }
+
+    /// Drops every series of a deleted resource, so its alerts stop with it.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let label = ResourceLabel {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        for family in [
+            &self.desired_replicas,
+            &self.replicas,
+            &self.batch_succeeded,
+            &self.batch_last_success,
+            &self.batch_max_staleness,
+        ] {
+            family.remove(&label);
+        }
+    }
+
     /// Records whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use millrace_e2e::metric_names::{missing, referenced};
+
+    #[test]
+    fn the_charts_alerts_and_dashboard_read_only_exported_operator_metrics() {
+        // A family appears in the exposition once it has a series: record one of each.
+        let metrics = Metrics::default();
+        metrics.reconciled(Duration::from_millis(5));
+        metrics.failed("apply");
+        metrics.set_replicas("ml", "churn", 3, 2);
+        metrics.set_leader(true);
+        let published = BatchRunStatus {
+            succeeded: true,
+            completion_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::UNIX_EPOCH,
+            )),
+            ..BatchRunStatus::default()
+        };
+        metrics.set_batch(
+            "ml",
+            "churn",
+            Some(&published),
+            Some(Duration::from_secs(60)),
+        );
+        let mut exposition = String::new();
+        prometheus_client::encoding::text::encode(&mut exposition, &metrics.registry)
+            .expect("encode");
+        let chart = [
+            include_str!("../../charts/millrace/templates/prometheusrule.yaml"),
+            include_str!("../../charts/millrace/files/dashboards/millrace.json"),
+        ]
+        .concat();
+        let names = referenced(&chart, "millrace_operator_");
+        assert!(names.len() >= 4, "{names:?}");
+        assert_eq!(missing(&names, &exposition), Vec::<String>::new());
+    }
+
+    fn exposition(metrics: &Metrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).expect("encode");
+        text
+    }
+
+    #[test]
+    fn a_failed_run_keeps_the_last_success_and_deletion_forgets_the_resource() {
+        let metrics = Metrics::default();
+        let at = |second| {
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(second).expect("a timestamp"),
+            ))
+        };
+        let run = |succeeded, second| BatchRunStatus {
+            succeeded,
+            completion_time: at(second),
+            ..BatchRunStatus::default()
+        };
+        let series = r#"{namespace="ml",name="churn"}"#;
+        metrics.set_batch(
+            "ml",
+            "churn",
+            Some(&run(true, 1_000)),
+            Some(Duration::from_secs(43_200)),
+        );
+        metrics.set_batch("ml", "churn", Some(&run(false, 2_000)), None);
+        let text = exposition(&metrics);
+        assert!(
+            text.contains(&format!(
+                "millrace_operator_batch_last_run_succeeded{series} 0"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "millrace_operator_batch_last_success_timestamp_seconds{series} 1000"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "millrace_operator_batch_max_staleness_seconds{series} 43200"
+            )),
+            "{text}"
+        );
+        metrics.forget("ml", "churn");
+        assert!(!exposition(&metrics).contains("churn"));
     }
 }

@@ -51,6 +51,11 @@ impl OperatorProcess {
         Self { child }
     }
 
+    /// Wraps an operator started by the test itself (e.g. with a chart's environment).
+    pub fn from_child(child: Child) -> Self {
+        Self { child }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -114,11 +119,13 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     millrace_e2e::net::parse_response(&response)
 }
 
-/// The churn example (`examples/churn.yaml`) pointed at `redis_url`, with `patch` merged in
+/// The churn example (`examples/churn/inferencedeployment.yaml`) pointed at `redis_url`, with `patch` merged in
 /// (RFC 7386: objects merge, null deletes).
 pub fn example(redis_url: &str, patch: serde_json::Value) -> millrace_crds::InferenceDeployment {
-    let mut value: serde_json::Value =
-        serde_yaml_ng::from_str(include_str!("../../../examples/churn.yaml")).expect("example");
+    let mut value: serde_json::Value = serde_yaml_ng::from_str(include_str!(
+        "../../../examples/churn/inferencedeployment.yaml"
+    ))
+    .expect("example");
     millrace_e2e::merge_patch(
         &mut value,
         &serde_json::json!({"spec": {"cache": {"redis": {"url": redis_url}}}}),

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the scorer, under the `millrace_scorer` prefix.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -73,6 +74,7 @@ pub struct Metrics {
     corrupt_values: Counter,
     rejected: Family<ReasonLabel, Counter>,
     model: Family<ModelLabel, Gauge>,
+    latency_budget: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -165,6 +167,14 @@ impl Default for Metrics {
             "1 for the loaded model version and the execution provider in use",
             model.clone(),
         );
+        // The chart's MillraceLatencyOverBudget alert compares the p99 with this, so one rule
+        // serves every resource with its own budget.
+        let latency_budget = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "latency_budget_seconds",
+            "spec.serving.latencyBudget of this scorer's InferenceDeployment",
+            latency_budget.clone(),
+        );
         Self {
             registry,
             requests,
@@ -181,6 +191,7 @@ impl Default for Metrics {
             corrupt_values,
             rejected,
             model,
+            latency_budget,
         }
     }
 }
@@ -271,10 +282,53 @@ impl Metrics {
             .set(1);
     }
 
+    /// Records the latency budget the scorer answers within.
+    pub fn set_latency_budget(&self, budget: Duration) {
+        self.latency_budget.set(budget.as_secs_f64());
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut body = String::new();
         prometheus_client::encoding::text::encode(&mut body, &self.registry)?;
         Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use millrace_e2e::metric_names::{missing, referenced};
+
+    #[test]
+    fn the_charts_alerts_and_dashboard_read_only_exported_scorer_metrics() {
+        // A family appears in the exposition once it has a series: record one of each.
+        let metrics = Metrics::default();
+        metrics.answered("batch", Duration::from_millis(1));
+        metrics.cache_miss();
+        metrics.lookup("redis", true);
+        metrics.observe_batch(4);
+        metrics.inference_failed("model");
+        metrics.redis_error("lookup");
+        metrics.default_served("latency_budget");
+        metrics.stale_served();
+        metrics.missing_feature("tenure");
+        metrics.corrupt_value();
+        metrics.rejected("bad_id");
+        metrics.model_loaded("3", "cpu");
+        metrics.set_latency_budget(Duration::from_millis(100));
+        let exposition = metrics.encode().expect("encode");
+        let chart = [
+            include_str!("../../../charts/millrace/templates/prometheusrule.yaml"),
+            include_str!("../../../charts/millrace/files/dashboards/millrace.json"),
+        ]
+        .concat();
+        let names = referenced(&chart, "millrace_scorer_");
+        assert!(names.len() >= 8, "{names:?}");
+        assert_eq!(
+            missing(&names, &exposition),
+            Vec::<String>::new(),
+            "{exposition}"
+        );
     }
 }

@@ -124,6 +124,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     warm_up(&model, settings.max_batch_rows)?;
     let provider = format!("{:?}", model.provider()).to_lowercase();
     metrics.model_loaded(&settings.model_version, &provider);
+    metrics.set_latency_budget(settings.latency_budget);
     info!(version = %settings.model_version, %provider, model = %model_path.display(), "model loaded and warmed up");
 
     let (batcher, inference_thread) = MicroBatcher::start(
