@@ -7,13 +7,14 @@ SHELL := bash
 MILLRACE_CACHE ?= $(HOME)/.cache/millrace
 export CARGO_TARGET_DIR ?= $(MILLRACE_CACHE)/target
 
-.PHONY: help setup demo test bench simulate lint fmt crds cluster-up cluster-down
+.PHONY: help setup demo test bench simulate images lint fmt crds cluster-up cluster-down
 
 help:
 	@echo "make demo    bring up the local control plane and show Millrace on it"
 	@echo "make test    install what is missing, lint, and run every test on the local control plane"
 	@echo "make bench   print the benchmarks' figures"
 	@echo "make simulate compare scaling strategies on a simulated day"
+	@echo "make images  build and check the operator and scorer OCI images (no Docker needed)"
 	@echo "make lint    rustfmt and clippy only"
 	@echo "make fmt     format the code"
 	@echo "make crds    regenerate the CRD, the chart's copy and docs/reference.md from the API types"
@@ -29,6 +30,9 @@ test:
 
 bench:
 	scripts/bench.sh
+
+images: setup
+	scripts/images.sh
 
 simulate:
 	cargo run --quiet --release -p millrace-operator --bin millrace-simulate

@@ -2,7 +2,8 @@
 # One idempotent setup for a fresh machine, called by both README commands (make demo, make
 # test). Installs only what is missing, so a second run takes seconds:
 #   - Debian packages: redis-server and redis-tools (the real Redis the tests run against),
-#     wrk (the benchmark's load generator), lua5.1 (the Argo CD health check's tests)
+#     wrk (the benchmark's load generator), lua5.1 (the Argo CD health check's tests),
+#     umoci and jq (OCI images without Docker)
 #   - .venv: the PyPI onnxruntime wheel (its libonnxruntime.so backs the `ort` crate), the
 #     onnx/numpy packages that make test models, moto (S3 for tests) and the benchmark
 #     baseline's own dependencies (pandas, pyarrow, FastAPI, uvicorn, redis-py)
@@ -29,6 +30,9 @@ command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 command -v wrk >/dev/null 2>&1 || apt_missing+=(wrk)
 # lua5.1: runs the Argo CD health check against its fixtures (Argo CD embeds Lua 5.1).
 command -v lua5.1 >/dev/null 2>&1 || apt_missing+=(lua5.1)
+# umoci and jq: `make images` assembles OCI images without a Docker engine and checks them.
+command -v umoci >/dev/null 2>&1 || apt_missing+=(umoci)
+command -v jq >/dev/null 2>&1 || apt_missing+=(jq)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

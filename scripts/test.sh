@@ -23,6 +23,9 @@ cargo run --quiet --locked -p millrace-crds --bin crdgen -- --check
 step "build the tests"
 cargo test --workspace --locked --no-run
 
+step "container images (the test build's binaries; make images builds release)"
+scripts/images.sh --profile debug --out "${MILLRACE_CACHE:-$HOME/.cache/millrace}/images-test"
+
 step "helm"
 helm version --short
 helm lint --strict charts/millrace

@@ -4,9 +4,12 @@
 //! ([`wait_for`]) instead of sleeping, so tests run in parallel and fail with a message that
 //! says what never happened.
 
+pub mod kubelet;
 pub mod metric_names;
 pub mod net;
 pub mod redis_server;
+pub mod s3;
+pub mod story;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -1,5 +1,5 @@
 //! Loopback helpers the tests and benchmarks of every crate share: a free port, and the
-//! status and body of a plain HTTP/1.0 response.
+//! status and body of a plain HTTP/1.0 response, and a request that returns them.
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -17,6 +17,35 @@ pub fn parse_response(response: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((code, body))
+}
+
+/// One HTTP/1.0 request to 127.0.0.1:`port` with an optional `(content type, body)`: the
+/// status and the body, or `None` when nothing answers.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some((content_type, body)) = body {
+        head.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    if let Some((_, body)) = body {
+        stream.write_all(body.as_bytes()).await.ok()?;
+    }
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    parse_response(&String::from_utf8_lossy(&response))
 }
 
 #[cfg(test)]

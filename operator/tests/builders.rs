@@ -429,3 +429,55 @@ fn hpa_mode_renders_an_hpa_on_the_external_miss_rate() {
     assert_eq!(down.stabilization_window_seconds, Some(120));
     assert_eq!(down.tolerance.map(|q| q.0), Some("50m".to_string()));
 }
+
+#[test]
+fn pod_metadata_reaches_every_pod_but_never_overrides_the_operators_labels() {
+    let resource = with(
+        &fixture(),
+        serde_json::json!({"spec": {"podMetadata": {
+            "labels": {"team": "ml", "app.kubernetes.io/component": "hijacked"},
+            "annotations": {"sidecar.istio.io/inject": "false"}
+        }}}),
+    );
+    let c = children(&resource);
+    let scorer = c
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.clone())
+        .expect("scorer pod metadata");
+    let batch = c
+        .cron_job
+        .as_ref()
+        .and_then(|j| j.spec.job_template.spec.as_ref())
+        .and_then(|s| s.template.metadata.clone())
+        .expect("batch pod metadata");
+    for (component, meta) in [("scorer", &scorer), ("batch", &batch)] {
+        let labels = meta.labels.as_ref().expect("labels");
+        let annotations = meta.annotations.as_ref().expect("annotations");
+        assert_eq!(labels.get("team").map(String::as_str), Some("ml"));
+        assert_eq!(
+            labels
+                .get("app.kubernetes.io/component")
+                .map(String::as_str),
+            Some(component),
+            "the operator's label must win"
+        );
+        assert_eq!(
+            annotations
+                .get("sidecar.istio.io/inject")
+                .map(String::as_str),
+            Some("false")
+        );
+    }
+    let checksum = scorer.annotations.as_ref().expect("annotations");
+    assert!(checksum.contains_key(CONFIG_CHECKSUM_ANNOTATION));
+    // The selector is untouched: a user label never changes which pods a Deployment owns.
+    let selector = c
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .expect("selector");
+    assert!(!selector.contains_key("team"));
+}

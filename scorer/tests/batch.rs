@@ -21,7 +21,7 @@ use millrace_scorer::model::Model;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use redis::AsyncCommands;
-use support::{Moto, config, make_model};
+use support::{Moto, config, make_model, s3_bucket};
 
 const INPUTS: [&str; 4] = ["tenure", "spend", "calls", "region"];
 
@@ -380,7 +380,7 @@ async fn parquet_on_s3_is_read_with_credentials_from_the_environment() {
     write_parquet(&setup.lake().join("b.parquet"), &ids[400..], 100);
     let moto = Moto::start();
     let endpoint = moto.endpoint();
-    let store = moto.bucket("lake");
+    let store = s3_bucket(&moto, "lake");
     for name in ["a.parquet", "b.parquet"] {
         let bytes = std::fs::read(setup.lake().join(name)).expect("read");
         store

@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use support::Moto;
+use support::{Moto, s3_bucket};
 
 use sha2::{Digest, Sha256};
 
@@ -145,7 +145,7 @@ async fn an_s3_model_is_downloaded_with_credentials_from_the_environment() {
         ("AWS_ENDPOINT", endpoint.clone()),
         ("AWS_ALLOW_HTTP", "true".to_string()),
     ];
-    let store = moto.bucket("models");
+    let store = s3_bucket(&moto, "models");
     store
         .put(&"churn/3/model.onnx".into(), MODEL.to_vec().into())
         .await

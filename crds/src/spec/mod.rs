@@ -119,6 +119,27 @@ pub struct InferenceDeploymentSpec {
     /// Replica bounds and the cache-miss target that drives scaling.
     #[serde(default)]
     pub autoscaling: AutoscalingSpec,
+
+    /// Labels and annotations added to every pod the operator renders (scorers, batch
+    /// shards, warm Jobs), e.g. for a service mesh, cost attribution or a log pipeline. The
+    /// operator's own labels win where a key collides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<PodMetadata>,
+}
+
+/// Extra metadata for the pods the operator renders.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMetadata {
+    /// Labels added to every pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub labels: BTreeMap<String, String>,
+
+    /// Annotations added to every pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub annotations: BTreeMap<String, String>,
 }
 
 fn default_execution_providers() -> Vec<ExecutionProvider> {

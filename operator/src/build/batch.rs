@@ -1,6 +1,8 @@
 //! The batch precompute: a CronJob of Indexed Jobs running `millrace-scorer batch`, and the
 //! one-off Job a run-batch token asks for.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
     Container, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec,
@@ -15,7 +17,8 @@ use sha2::{Digest, Sha256};
 use super::names::{Component, batch_name, labels};
 use super::pod::{
     config_path, container_security_context, fetch_model_container, model_is_fetched,
-    place_on_node_pool, pod_security_context, redis_url_env, volume_mounts, volumes, with_gpus,
+    place_on_node_pool, pod_security_context, pod_template_metadata, redis_url_env, volume_mounts,
+    volumes, with_gpus,
 };
 use super::{BuildError, BuildOptions, owner_reference};
 
@@ -136,10 +139,11 @@ fn job_template(
             backoff_limit_per_index: Some(batch.backoff_limit_per_index),
             active_deadline_seconds: batch.active_deadline_seconds,
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(resource, Component::Batch)),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(pod_template_metadata(
+                    resource,
+                    Component::Batch,
+                    BTreeMap::new(),
+                )),
                 spec: Some(pod),
             },
             ..JobSpec::default()

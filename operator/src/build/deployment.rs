@@ -17,7 +17,8 @@ use millrace_crds::InferenceDeployment;
 use super::names::{CONFIG_CHECKSUM_ANNOTATION, Component, labels, scorer_name, selector_labels};
 use super::pod::{
     config_path, container_security_context, downward_env, fetch_model_container, model_is_fetched,
-    place_on_node_pool, pod_security_context, redis_url_env, volume_mounts, volumes, with_gpus,
+    place_on_node_pool, pod_security_context, pod_template_metadata, redis_url_env, volume_mounts,
+    volumes, with_gpus,
 };
 use super::{BuildError, BuildOptions, owner_reference};
 
@@ -94,14 +95,14 @@ pub fn deployment(
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(resource, Component::Scorer)),
-                    annotations: Some(BTreeMap::from([(
+                metadata: Some(pod_template_metadata(
+                    resource,
+                    Component::Scorer,
+                    BTreeMap::from([(
                         CONFIG_CHECKSUM_ANNOTATION.to_string(),
                         config_checksum.to_string(),
-                    )])),
-                    ..ObjectMeta::default()
-                }),
+                    )]),
+                )),
                 spec: Some(pod),
             },
             ..DeploymentSpec::default()

@@ -1,5 +1,6 @@
 //! Pod pieces shared by scorer and batch pods: hardened security contexts, the config and
-//! model volumes, the Redis URL, the fetch-model init container and GPU placement.
+//! model volumes, the Redis URL, the fetch-model init container, GPU placement and the pod
+//! template's metadata.
 
 use std::collections::BTreeMap;
 
@@ -10,13 +11,34 @@ use k8s_openapi::api::core::v1::{
     VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ObjectMeta;
 use millrace_crds::InferenceDeployment;
 use millrace_crds::config::{CONFIG_DIR, CONFIG_FILE, REDIS_URL_ENV};
 use millrace_crds::spec::NodePoolSpec;
 
 use super::BuildOptions;
 use super::config::FETCHED_MODEL_DIR;
-use super::names::config_name;
+use super::names::{Component, config_name, labels};
+
+/// The metadata of a pod template for `component`: the user's `spec.podMetadata`, then the
+/// operator's labels (which win a collision: selectors and ownership depend on them) and
+/// `annotations`.
+pub fn pod_template_metadata(
+    resource: &InferenceDeployment,
+    component: Component,
+    annotations: BTreeMap<String, String>,
+) -> ObjectMeta {
+    let extra = resource.spec.pod_metadata.clone().unwrap_or_default();
+    let mut all_labels = extra.labels;
+    all_labels.extend(labels(resource, component));
+    let mut all_annotations = extra.annotations;
+    all_annotations.extend(annotations);
+    ObjectMeta {
+        labels: Some(all_labels),
+        annotations: (!all_annotations.is_empty()).then_some(all_annotations),
+        ..ObjectMeta::default()
+    }
+}
 
 /// The unprivileged user scorer and batch containers run as.
 pub const RUN_AS_USER: i64 = 65_532;

@@ -2,6 +2,7 @@
 //! when misses stay high (`autoscaling.warming`). It is the scorer pod (same image, config,
 //! model, node pool and Redis) with the warm command and no probes, run once.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -12,7 +13,7 @@ use kube::api::ObjectMeta;
 use millrace_crds::InferenceDeployment;
 
 use super::names::{Component, labels};
-use super::pod::config_path;
+use super::pod::{config_path, pod_template_metadata};
 use super::{BuildError, owner_reference};
 
 /// Finished warm Jobs are deleted after an hour.
@@ -57,7 +58,7 @@ pub fn warm_job(
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: resource.namespace(),
-            labels: Some(labels.clone()),
+            labels: Some(labels),
             owner_references: Some(vec![owner_reference(resource)?]),
             ..ObjectMeta::default()
         },
@@ -65,10 +66,11 @@ pub fn warm_job(
             backoff_limit: Some(1),
             ttl_seconds_after_finished: Some(KEEP_FINISHED),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(pod_template_metadata(
+                    resource,
+                    Component::Warm,
+                    BTreeMap::new(),
+                )),
                 spec: Some(pod),
             },
             ..JobSpec::default()

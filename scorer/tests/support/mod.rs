@@ -11,7 +11,6 @@ use millrace_crds::config::{CacheConfig, ModelConfig, ResourceRef, ScorerConfig,
 use millrace_crds::spec::{
     ExecutionProvider, FallbackSpec, FeaturesSpec, MemoryCacheSpec, MicroBatchSpec, Topology,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -247,84 +246,21 @@ pub async fn raw_request(
     path: &str,
     body: Option<(&str, &str)>,
 ) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
-    if let Some((content_type, body)) = body {
-        head.push_str(&format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.ok()?;
-    if let Some((_, body)) = body {
-        stream.write_all(body.as_bytes()).await.ok()?;
-    }
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    millrace_e2e::net::parse_response(&String::from_utf8_lossy(&response))
+    millrace_e2e::net::http(port, method, path, body).await
 }
 
-/// A moto S3 server on a free port, killed when dropped.
-pub struct Moto {
-    child: Child,
-    /// Its port.
-    pub port: u16,
-}
+pub use millrace_e2e::s3::S3Server as Moto;
 
-impl Moto {
-    /// Starts moto_server from the project venv.
-    pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("port");
-        let venv = root().join(".venv/bin/moto_server");
-        let child = Command::new(&venv)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{} (installed by scripts/setup.sh): {e}", venv.display()));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { child, port }
-    }
-}
-
-impl Moto {
-    /// The server's URL.
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Creates `bucket` (moto accepts a plain PUT) and returns a client for it.
-    pub fn bucket(&self, bucket: &str) -> object_store::aws::AmazonS3 {
-        let status = Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", self.endpoint())])
-            .status()
-            .expect("curl");
-        assert!(status.success(), "create the bucket {bucket}");
-        object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_region("us-east-1")
-            .with_endpoint(self.endpoint())
-            .with_allow_http(true)
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .expect("s3 client")
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Creates `bucket` on `moto` and returns an object_store client for it.
+pub fn s3_bucket(moto: &Moto, bucket: &str) -> object_store::aws::AmazonS3 {
+    moto.create_bucket(bucket);
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .expect("s3 client")
 }

@@ -1,0 +1,96 @@
+//! A real S3-compatible server for tests and the demo: moto's server mode from the project's
+//! virtualenv (installed by scripts/setup.sh), on a free loopback port, killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::net::free_port;
+
+/// The workspace root (where `.venv` lives).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running moto S3 server.
+pub struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+impl S3Server {
+    /// Starts `moto_server` and waits until it accepts connections.
+    pub fn start() -> Self {
+        let port = free_port();
+        let binary = workspace_root().join(".venv/bin/moto_server");
+        let child = Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{} (installed by scripts/setup.sh): {e}", binary.display())
+            });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, port }
+    }
+
+    /// Its URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates `bucket`.
+    pub fn create_bucket(&self, bucket: &str) {
+        self.curl_put(&format!("{}/{bucket}", self.endpoint()), None);
+    }
+
+    /// Uploads the file at `path` as `s3://bucket/key`.
+    pub fn put_file(&self, bucket: &str, key: &str, path: &Path) {
+        self.curl_put(&format!("{}/{bucket}/{key}", self.endpoint()), Some(path));
+    }
+
+    fn curl_put(&self, url: &str, file: Option<&Path>) {
+        // Signed like any S3 client (curl's SigV4): moto stalls on an unsigned upload.
+        let mut command = Command::new("curl");
+        command.args([
+            "-sf",
+            "--max-time",
+            "30",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            "test:test",
+            "-X",
+            "PUT",
+            url,
+        ]);
+        if let Some(file) = file {
+            command.arg("-T").arg(file);
+        }
+        let status = command.status().expect("curl");
+        assert!(status.success(), "PUT {url}");
+    }
+
+    /// The `AWS_*` variables the scorer's object store reads to reach this server.
+    pub fn credentials(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
