@@ -123,6 +123,8 @@ pub struct StoryReport {
     pub scaled: (i32, i32),
     /// Real scorer processes serving after the spike.
     pub scorers_running: usize,
+    /// The nodes (and their pool) the scorer pods were scheduled on.
+    pub scorer_nodes: Vec<String>,
     /// The API server's message refusing a bad spec.
     pub refused: String,
     /// Redis keys of the resource just before its deletion.
@@ -330,7 +332,7 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     load_online_features(&redis, &data.path().join("online.json"))?;
     say.say("Redis is back (empty: this one keeps no data); requests compute in real time again.");
 
-    say.step("A miss spike: the autoscaler adds scorers (each a real process on a GPU node)");
+    say.step("A miss spike: the autoscaler adds scorers (real processes; their pods on GPU nodes)");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     let before = replicas(&deployments.get("churn-scorer").await?);
@@ -352,6 +354,27 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     load.abort();
     let serving = serving?;
     report.scorers_running = serving.len();
+    // Where the scheduler put the scorers: nodes of the GPU pool, one GPU each.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let scorer_pods = pods
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/component=scorer"))
+        .await?;
+    for pod in &scorer_pods.items {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let pool = nodes
+            .get(&node)
+            .await?
+            .metadata
+            .labels
+            .and_then(|l| l.get("pool").cloned())
+            .unwrap_or_default();
+        report.scorer_nodes.push(format!("{node} (pool {pool})"));
+    }
     let resource = api.get(NAME).await?;
     let shown = resource
         .status
@@ -367,8 +390,9 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
         })
         .unwrap_or_default();
     say.say(&format!(
-        "{before} -> {after} replicas; {} scorer processes serving. {shown}",
-        serving.len()
+        "{before} -> {after} replicas; {} scorer processes serving, scheduled on {}. {shown}",
+        serving.len(),
+        report.scorer_nodes.join(", ")
     ));
 
     say.step("Deleting the resource removes its children and its Redis keys");

@@ -40,9 +40,12 @@ def model(path: pathlib.Path) -> None:
     scale = np.array([1 / 18.0, 1 / 30.0, 1 / 1.5, 1 / 7.0, 1 / 2.0, 1.0], np.float32)
     rng = np.random.default_rng(7)
     direction = np.array([-1.2, 0.6, 1.1, 0.15, 0.05, 0.2], np.float32)
-    w1 = (np.outer(direction, np.ones(8)) * rng.uniform(0.5, 1.0, (6, 8))).astype(np.float32)
-    b1 = rng.uniform(-0.2, 0.2, 8).astype(np.float32)
-    w2 = np.full((8, 1), 0.45, np.float32)
+    # Half the hidden units see the risk direction, half its opposite (weighted negatively
+    # on the way out), so the ReLU layer passes the signal through on both sides.
+    signs = np.array([1, 1, 1, 1, -1, -1, -1, -1], np.float32)
+    w1 = (np.outer(direction, signs) * rng.uniform(0.5, 1.0, (6, 8))).astype(np.float32)
+    b1 = rng.uniform(-0.1, 0.1, 8).astype(np.float32)
+    w2 = (0.45 * signs).reshape(8, 1).astype(np.float32)
     b2 = np.array([-1.3], np.float32)
     nodes = [
         helper.make_node("Sub", ["x", "mean"], ["centred"]),

@@ -64,6 +64,12 @@ async fn the_demo_story_holds_end_to_end_with_real_processes() {
         assert!(down.degraded.iter().any(|d| d.contains("redis")), "{down:?}");
         assert!(report.scaled.1 > report.scaled.0, "{report:?}");
         assert!(report.scorers_running as i32 >= report.scaled.1, "{report:?}");
+        assert!(
+            !report.scorer_nodes.is_empty()
+                && report.scorer_nodes.iter().all(|n| n.ends_with("(pool gpu)")),
+            "scorers must land on the GPU pool: {:?}",
+            report.scorer_nodes
+        );
         assert!(report.refused.contains("maxStaleness"), "{}", report.refused);
         assert!(report.keys_before_delete > 0, "{report:?}");
         assert_eq!(report.keys_after_delete, 0, "deletion leaves no keys");
