@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
-use crate::build::names::{FIELD_MANAGER, batch_name, scorer_name};
+use crate::build::names::{FIELD_MANAGER, batch_name, compute_name, scorer_name};
 use crate::build::{Children, batch};
 use crate::error::Error;
 
@@ -34,6 +34,8 @@ pub struct Applied {
     pub pod_disruption_budget: PodDisruptionBudget,
     /// The batch CronJob, if the spec has a batch.
     pub cron_job: Option<CronJob>,
+    /// The compute tier as applied (split topology only).
+    pub compute_deployment: Option<Deployment>,
 }
 
 /// Applies every child of `resource`, and deletes the CronJob when the batch was removed and
@@ -69,9 +71,28 @@ pub async fn apply(
             .await?;
         }
     }
+    // The split topology's compute tier; removed when the topology goes back to unified.
+    let compute_deployment = match &children.compute_deployment {
+        Some(compute) => Some(ssa(client, &namespace, compute).await?),
+        None => {
+            delete_if_owned::<Deployment>(client, &namespace, &compute_name(resource), resource)
+                .await?;
+            None
+        }
+    };
+    match &children.compute_service {
+        Some(service) => {
+            ssa(client, &namespace, service).await?;
+        }
+        None => {
+            delete_if_owned::<Service>(client, &namespace, &compute_name(resource), resource)
+                .await?;
+        }
+    }
     Ok(Applied {
         config_map,
         deployment,
+        compute_deployment,
         service,
         pod_disruption_budget,
         cron_job,
@@ -146,6 +167,7 @@ pub async fn clamp_replicas(
     client: &Client,
     resource: &InferenceDeployment,
     deployment: &Deployment,
+    (min_replicas, max_replicas): (i32, i32),
 ) -> Result<Option<i32>, Error> {
     use millrace_crds::spec::AutoscalingMode;
     let autoscaling = &resource.spec.autoscaling;
@@ -155,7 +177,7 @@ pub async fn clamp_replicas(
         return Ok(current);
     }
     let replicas = current.unwrap_or(1);
-    let wanted = replicas.clamp(autoscaling.min_replicas, autoscaling.max_replicas);
+    let wanted = replicas.clamp(min_replicas, max_replicas);
     if wanted == replicas && current.is_some() {
         return Ok(current);
     }

@@ -37,6 +37,18 @@ pub struct Policy {
     pub sync_period: Duration,
     /// How far back scale-down looks for a higher recommendation.
     pub stabilization: Duration,
+    /// What one replica absorbs `target_misses_per_replica` of.
+    pub signal: Signal,
+}
+
+/// The load a tier scales on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Signal {
+    /// Cache misses per second: what costs model time (unified scorers, the compute tier).
+    #[default]
+    Misses,
+    /// Requests per second: what the split topology's cache tier answers.
+    Requests,
 }
 
 impl Policy {
@@ -51,6 +63,20 @@ impl Policy {
             tolerance: f64::from(spec.tolerance_percent.clamp(0, 100)) / 100.0,
             sync_period: parse(&spec.sync_period, Duration::from_secs(15)),
             stabilization: parse(&spec.scale_down_stabilization, Duration::from_secs(300)),
+            signal: Signal::Misses,
+        }
+    }
+
+    /// The split topology's cache tier: the same semantics on requests per second, within
+    /// `spec.cacheTier`'s bounds.
+    pub fn cache_tier(spec: &AutoscalingSpec) -> Self {
+        let tier = &spec.cache_tier;
+        Self {
+            min_replicas: tier.min_replicas.max(1),
+            max_replicas: tier.max_replicas.max(tier.min_replicas).max(1),
+            target_misses_per_replica: f64::from(tier.target_requests_per_replica.max(1)),
+            signal: Signal::Requests,
+            ..Self::from_spec(spec)
         }
     }
 }
@@ -97,10 +123,25 @@ pub struct Decision {
     pub reporting: usize,
 }
 
-/// Decides the replica count at `now_ms` for a Deployment at `current` replicas.
+/// Decides the replica count at `now_ms` for a Deployment at `current` replicas whose own
+/// pods publish the traffic windows.
 pub fn decide(
     policy: &Policy,
     current: i32,
+    windows: &[TrafficWindow],
+    now_ms: u64,
+    history: &mut Recommendations,
+) -> Decision {
+    decide_reported(policy, current, current, windows, now_ms, history)
+}
+
+/// [`decide`] when `reporters` pods (not necessarily the scaled ones) publish the windows:
+/// the split topology's compute tier is sized on what its cache tier saw. Fewer fresh
+/// windows than `reporters` never lets the count fall.
+pub fn decide_reported(
+    policy: &Policy,
+    current: i32,
+    reporters: i32,
     windows: &[TrafficWindow],
     now_ms: u64,
     history: &mut Recommendations,
@@ -123,16 +164,20 @@ pub fn decide(
     let hit_rate = (requests > 0.0).then(|| 1.0 - misses / requests);
     let reporting = fresh.len();
 
-    let per_replica = misses / f64::from(current.max(1));
+    let load = match policy.signal {
+        Signal::Misses => misses,
+        Signal::Requests => requests,
+    };
+    let per_replica = load / f64::from(current.max(1));
     let ratio = per_replica / policy.target_misses_per_replica;
     let (mut recommendation, mut reason) = if current > 0 && (ratio - 1.0).abs() <= policy.tolerance
     {
         (current, Reason::WithinTolerance)
     } else {
-        let raw = (misses / policy.target_misses_per_replica).ceil() as i32;
+        let raw = (load / policy.target_misses_per_replica).ceil() as i32;
         (raw, Reason::Steady)
     };
-    if (reporting as i32) < current && recommendation < current {
+    if (reporting as i32) < reporters && recommendation < current {
         recommendation = current;
         reason = Reason::PartialData;
     }
@@ -221,6 +266,7 @@ mod tests {
             tolerance: 0.1,
             sync_period: Duration::from_millis(SYNC),
             stabilization: Duration::from_secs(60),
+            signal: Signal::Misses,
         }
     }
 
@@ -364,6 +410,67 @@ mod tests {
         assert_eq!(d.reporting, 2);
         let d = decide(&p, 1, &[], now, &mut history);
         assert_eq!(d.desired, 2, "below the minimum is raised to it");
+    }
+
+    #[test]
+    fn the_cache_tier_scales_on_requests_and_the_compute_tier_wakes_from_zero() {
+        let spec = AutoscalingSpec {
+            min_replicas: 0,
+            ..AutoscalingSpec::default()
+        };
+        let now = 9_000_000;
+        // 5,000 misses/s of 10,000 requests/s, reported by 2 cache pods.
+        let traffic = windows(2, 5_000.0, now);
+        let cache = Policy::cache_tier(&spec);
+        assert_eq!(cache.signal, Signal::Requests);
+        let d = decide(&cache, 2, &traffic, now, &mut Recommendations::default());
+        assert_eq!(d.desired, 5, "10,000 requests/s at 2,000 per replica");
+        // The compute tier at zero replicas: the first misses wake it (up to the step limit).
+        let compute = Policy::from_spec(&spec);
+        let d = decide_reported(
+            &compute,
+            0,
+            2,
+            &traffic,
+            now,
+            &mut Recommendations::default(),
+        );
+        assert_eq!((d.desired, d.reason), (4, Reason::ScaleUp));
+        // Busy (150 misses/s: one replica), then the misses stop: it sleeps at zero once a
+        // whole stabilization window has passed without a miss.
+        let window = |at: u64, misses: u64| TrafficWindow {
+            end_ms: at,
+            window_ms: 5_000,
+            hits: 10_000,
+            misses,
+        };
+        let mut history = Recommendations::default();
+        let mut replicas =
+            decide_reported(&compute, 1, 1, &[window(now, 750)], now, &mut history).desired;
+        assert_eq!(replicas, 1);
+        for sync in 1..=24u64 {
+            let at = now + sync * SYNC;
+            replicas =
+                decide_reported(&compute, replicas, 1, &[window(at, 0)], at, &mut history).desired;
+            if sync * SYNC < 300_000 {
+                assert_eq!(replicas, 1, "held through the stabilization window");
+            }
+        }
+        assert_eq!(
+            replicas, 0,
+            "asleep once misses stopped for the whole window"
+        );
+        let later = now + 25 * SYNC;
+        let quiet = [TrafficWindow {
+            end_ms: later,
+            window_ms: 5_000,
+            hits: 10_000,
+            misses: 0,
+        }];
+        // A cache pod that did not report never lets the compute tier shrink.
+        let mut history = Recommendations::default();
+        let d = decide_reported(&compute, 3, 2, &quiet[..1], later, &mut history);
+        assert_eq!((d.desired, d.reason), (3, Reason::PartialData));
     }
 
     #[test]

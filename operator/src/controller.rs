@@ -316,7 +316,11 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
             return Err(error);
         }
     };
-    clamp_replicas(&ctx.client, resource, &applied.deployment).await?;
+    let (scorer_bounds, compute_bounds) = replica_bounds(resource);
+    clamp_replicas(&ctx.client, resource, &applied.deployment, scorer_bounds).await?;
+    if let Some(compute) = &applied.compute_deployment {
+        clamp_replicas(&ctx.client, resource, compute, compute_bounds).await?;
+    }
     // The autoscaler loop's latest view (it triggers a reconcile when that view changes).
     let autoscaled = ctx.autoscaler.shown(&resource_key(resource));
 
@@ -552,6 +556,21 @@ async fn cleanup(resource: &InferenceDeployment, ctx: &Context) -> Result<Action
             .await;
             Ok(Action::await_change())
         }
+    }
+}
+
+/// The replica bounds of `{name}-scorer` and of the compute tier: in the split topology the
+/// scorer Deployment is the cache tier, bounded by `autoscaling.cacheTier`, and the compute
+/// tier takes `autoscaling`'s own bounds (which may start at 0).
+pub(crate) fn replica_bounds(resource: &InferenceDeployment) -> ((i32, i32), (i32, i32)) {
+    let autoscaling = &resource.spec.autoscaling;
+    let own = (autoscaling.min_replicas, autoscaling.max_replicas);
+    match resource.spec.serving.topology {
+        millrace_crds::spec::Topology::Split => {
+            let tier = &autoscaling.cache_tier;
+            ((tier.min_replicas, tier.max_replicas), own)
+        }
+        millrace_crds::spec::Topology::Unified => (own, own),
     }
 }
 

@@ -22,15 +22,16 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
 use millrace_crds::InferenceDeployment;
 use millrace_crds::keys::{Keyspace, now_ms};
-use millrace_crds::spec::AutoscalingMode;
+use millrace_crds::spec::{AutoscalingMode, Topology};
 use millrace_crds::status::AutoscalingStatus;
+use millrace_crds::traffic::TrafficWindow;
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
 use crate::apply::scale;
-use crate::autoscale::{Decision, Policy, Recommendations, decide, fresh_windows};
+use crate::autoscale::{Decision, Policy, Recommendations, Signal, decide_reported, fresh_windows};
 use crate::build::config::key_prefix;
-use crate::build::names::scorer_name;
+use crate::build::names::{compute_name, scorer_name};
 use crate::controller::{Context, event, redis_url, resource_key};
 
 /// How often the loop looks for resources whose sync is due.
@@ -39,6 +40,9 @@ const TICK: Duration = Duration::from_secs(1);
 #[derive(Default)]
 struct Tracked {
     history: Recommendations,
+    /// The split topology's cache tier (`history` is then the compute tier's).
+    cache_history: Recommendations,
+    cache_last_replicas: Option<i32>,
     next_sync: Option<Instant>,
     shown: Option<AutoscalingStatus>,
     /// The replica count of the last sync with data.
@@ -147,45 +151,42 @@ async fn sync(
         if let Some(replicas) = entry.last_replicas {
             entry.history.hold(now, replicas, policy);
         }
+        if let Some(replicas) = entry.cache_last_replicas {
+            entry.cache_history.hold(now, replicas, policy);
+        }
         return Ok(());
     }
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(current_scale) = deployments
-        .get_scale(&name)
-        .await
-        .map(Some)
-        .or_else(|e| match e {
-            kube::Error::Api(status) if status.code == 404 => Ok(None),
-            other => Err(other),
-        })
-        .map_err(crate::error::Error::kube(
-            "reading the scorer Deployment's scale",
-        ))?
-    else {
-        // Not created yet: the reconciler will.
-        return Ok(());
-    };
-    let current = current_scale
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(policy.min_replicas);
-    let running = current_scale.status.as_ref().map_or(0, |s| s.replicas);
-
-    let decision = {
-        let mut tracked = ctx.autoscaler.lock();
-        let entry = tracked.entry(key.to_string()).or_default();
-        let decision = decide(policy, current, &windows, now, &mut entry.history);
-        entry.last_replicas = Some(decision.desired);
-        decision
-    };
-    if decision.desired != current {
-        scale(&ctx.client, resource, &name, decision.desired).await?;
-        scaled_event(ctx, resource, current, &decision).await;
-        if let Some(t) = ctx.autoscaler.lock().get_mut(key) {
-            t.last_scale_time = Some(Time(jiff::Timestamp::now()));
+    let split = resource.spec.serving.topology == Topology::Split;
+    // In the split topology the cache tier (`{name}-scorer`) scales on requests and its pods
+    // publish the windows; the compute tier then scales on their misses.
+    let mut reporters = None;
+    if split {
+        let cache_policy = Policy::cache_tier(&resource.spec.autoscaling);
+        match scale_tier(
+            ctx,
+            resource,
+            key,
+            &name,
+            &cache_policy,
+            None,
+            &windows,
+            now,
+        )
+        .await?
+        {
+            Some(tier) => reporters = Some(tier.current),
+            None => return Ok(()),
         }
     }
+    let target = if split { compute_name(resource) } else { name };
+    let Some(tier) = scale_tier(
+        ctx, resource, key, &target, policy, reporters, &windows, now,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let (decision, running) = (tier.decision, tier.running);
     ctx.metrics
         .set_replicas(&namespace, &resource.name_any(), decision.desired, running);
     if let Err(error) = maybe_warm(ctx, resource, key, decision.misses_per_second, now).await {
@@ -220,6 +221,86 @@ async fn sync(
         let _ = triggers.try_send(object);
     }
     Ok(())
+}
+
+/// One tier's outcome of a sync.
+struct TierSync {
+    decision: Decision,
+    /// Replicas requested before the decision.
+    current: i32,
+    /// Replicas that exist.
+    running: i32,
+}
+
+/// Decides and scales one Deployment: `{name}-scorer`, or in the split topology the cache
+/// tier (`reporters` None and a requests policy) or the compute tier (`reporters`: the cache
+/// pods that publish the windows). None when the Deployment does not exist yet.
+#[allow(clippy::too_many_arguments)]
+async fn scale_tier(
+    ctx: &Context,
+    resource: &InferenceDeployment,
+    key: &str,
+    deployment: &str,
+    policy: &Policy,
+    reporters: Option<i32>,
+    windows: &[TrafficWindow],
+    now: u64,
+) -> Result<Option<TierSync>, crate::error::Error> {
+    let namespace = resource.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(current_scale) = deployments
+        .get_scale(deployment)
+        .await
+        .map(Some)
+        .or_else(|e| match e {
+            kube::Error::Api(status) if status.code == 404 => Ok(None),
+            other => Err(other),
+        })
+        .map_err(crate::error::Error::kube(format!(
+            "reading the scale of Deployment {deployment}"
+        )))?
+    else {
+        // Not created yet: the reconciler will.
+        return Ok(None);
+    };
+    let current = current_scale
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(policy.min_replicas);
+    let running = current_scale.status.as_ref().map_or(0, |s| s.replicas);
+    let cache_tier = policy.signal == Signal::Requests;
+    let decision = {
+        let mut tracked = ctx.autoscaler.lock();
+        let entry = tracked.entry(key.to_string()).or_default();
+        let (history, last) = if cache_tier {
+            (&mut entry.cache_history, &mut entry.cache_last_replicas)
+        } else {
+            (&mut entry.history, &mut entry.last_replicas)
+        };
+        let decision = decide_reported(
+            policy,
+            current,
+            reporters.unwrap_or(current),
+            windows,
+            now,
+            history,
+        );
+        *last = Some(decision.desired);
+        decision
+    };
+    if decision.desired != current {
+        scale(&ctx.client, resource, deployment, decision.desired).await?;
+        scaled_event(ctx, resource, deployment, current, &decision, policy).await;
+        if !cache_tier && let Some(t) = ctx.autoscaler.lock().get_mut(key) {
+            t.last_scale_time = Some(Time(jiff::Timestamp::now()));
+        }
+    }
+    Ok(Some(TierSync {
+        decision,
+        current,
+        running,
+    }))
 }
 
 /// Starts a warm Job when misses have stayed at or above `warming.missesPerSecond` for
@@ -318,10 +399,24 @@ fn worth_showing(shown: Option<&AutoscalingStatus>, next: &AutoscalingStatus) ->
 async fn scaled_event(
     ctx: &Context,
     resource: &InferenceDeployment,
+    deployment: &str,
     current: i32,
     decision: &Decision,
+    policy: &Policy,
 ) {
     let misses = decision.misses_per_second.unwrap_or(0.0);
+    let load = match policy.signal {
+        Signal::Misses => format!("{misses:.0} misses/s"),
+        Signal::Requests => {
+            let hit_rate = decision.hit_rate.unwrap_or(1.0);
+            let requests = if hit_rate < 1.0 {
+                misses / (1.0 - hit_rate)
+            } else {
+                0.0
+            };
+            format!("{requests:.0} requests/s")
+        }
+    };
     event(
         ctx,
         resource,
@@ -329,15 +424,12 @@ async fn scaled_event(
         "Scaled",
         "Autoscale",
         format!(
-            "scorers {current} -> {}: {misses:.0} misses/s from {} pods, target {}/replica ({:?})",
-            decision.desired,
-            decision.reporting,
-            resource.spec.autoscaling.target_misses_per_replica,
-            decision.reason
+            "{deployment} {current} -> {}: {load} from {} pods, target {}/replica ({:?})",
+            decision.desired, decision.reporting, policy.target_misses_per_replica, decision.reason
         ),
     )
     .await;
-    info!(from = current, to = decision.desired, misses, reason = ?decision.reason, "scaled the scorers");
+    info!(%deployment, from = current, to = decision.desired, misses, reason = ?decision.reason, "scaled");
 }
 
 #[cfg(test)]

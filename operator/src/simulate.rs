@@ -193,6 +193,7 @@ impl Scaler {
                 tolerance: 0.1,
                 sync_period: STEP,
                 stabilization: Duration::from_secs(300),
+                signal: crate::autoscale::Signal::Misses,
             },
             history: Recommendations::default(),
         }

@@ -481,3 +481,68 @@ fn pod_metadata_reaches_every_pod_but_never_overrides_the_operators_labels() {
         .expect("selector");
     assert!(!selector.contains_key("team"));
 }
+
+#[test]
+fn split_topology_renders_a_cpu_cache_tier_in_front_of_a_gpu_compute_tier() {
+    let unified = children(&fixture());
+    assert!(unified.compute_deployment.is_none() && unified.compute_service.is_none());
+
+    let resource = with(
+        &fixture(),
+        serde_json::json!({"spec": {"serving": {"topology": "split"},
+                                    "autoscaling": {"minReplicas": 0}}}),
+    );
+    let c = children(&resource);
+    let gpu = |pod: &PodSpec| {
+        pod.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some_and(|l| l.contains_key("nvidia.com/gpu"))
+    };
+    let args = |pod: &PodSpec| pod.containers[0].args.clone().unwrap_or_default().join(" ");
+
+    // The cache tier keeps the scorer's name and Service (what clients call), holds no
+    // model and no GPU, runs off the GPU pool, and forwards misses to the compute Service.
+    let cache = scorer_pod(&c);
+    assert_eq!(
+        args(&cache),
+        "serve --config /etc/millrace/scorer.json --role cache --compute-url http://churn-compute"
+    );
+    assert!(!gpu(&cache), "the cache tier must not hold a GPU");
+    assert!(cache.node_selector.is_none() && cache.tolerations.is_none());
+    assert!(cache.init_containers.is_none(), "no model to fetch");
+
+    let compute = c.compute_deployment.as_ref().expect("a compute tier");
+    assert_eq!(compute.metadata.name.as_deref(), Some("churn-compute"));
+    let compute_pod = compute
+        .spec
+        .clone()
+        .and_then(|s| s.template.spec)
+        .expect("compute pod");
+    assert_eq!(
+        args(&compute_pod),
+        "serve --config /etc/millrace/scorer.json --role compute"
+    );
+    assert!(gpu(&compute_pod), "the compute tier runs the model on GPUs");
+    assert!(compute_pod.node_selector.is_some());
+    assert!(compute_pod.init_containers.is_some(), "fetches the model");
+    assert!(compute.spec.as_ref().and_then(|s| s.replicas).is_none());
+    let selector = compute
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .expect("selector");
+    assert_eq!(
+        selector
+            .get("app.kubernetes.io/component")
+            .map(String::as_str),
+        Some("compute")
+    );
+    let service = c.compute_service.as_ref().expect("a compute Service");
+    assert_eq!(service.metadata.name.as_deref(), Some("churn-compute"));
+    assert_eq!(
+        service.spec.as_ref().and_then(|s| s.selector.clone()),
+        Some(selector)
+    );
+}

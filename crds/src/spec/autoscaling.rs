@@ -54,6 +54,57 @@ pub struct AutoscalingSpec {
     /// Job. Applies in every mode. Off by default.
     #[serde(default)]
     pub warming: WarmingSpec,
+
+    /// With serving.topology: split, the CPU cache tier in front of the GPU compute tier.
+    /// The fields above then size the compute tier (on misses, and minReplicas may be 0);
+    /// the cache tier scales on requests per second.
+    #[serde(default)]
+    pub cache_tier: CacheTierSpec,
+}
+
+/// The split topology's cache tier: CPU pods that answer hits and forward misses.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("cacheTier.minReplicas must not exceed cacheTier.maxReplicas")
+    .field_path(".minReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct CacheTierSpec {
+    /// Fewest cache-tier replicas (they answer every request: at least 1). Default: 2.
+    #[serde(default = "default_cache_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+
+    /// Most cache-tier replicas. Default: 20.
+    #[serde(default = "default_cache_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Requests per second one cache-tier replica serves. Default: 2000.
+    #[serde(default = "default_target_requests")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub target_requests_per_replica: i32,
+}
+
+impl Default for CacheTierSpec {
+    fn default() -> Self {
+        Self {
+            min_replicas: default_cache_min_replicas(),
+            max_replicas: default_cache_max_replicas(),
+            target_requests_per_replica: default_target_requests(),
+        }
+    }
+}
+
+fn default_cache_min_replicas() -> i32 {
+    2
+}
+
+fn default_cache_max_replicas() -> i32 {
+    20
+}
+
+fn default_target_requests() -> i32 {
+    2000
 }
 
 impl Default for AutoscalingSpec {
@@ -67,6 +118,7 @@ impl Default for AutoscalingSpec {
             scale_down_stabilization: default_stabilization(),
             tolerance_percent: default_tolerance_percent(),
             warming: WarmingSpec::default(),
+            cache_tier: CacheTierSpec::default(),
         }
     }
 }

@@ -19,9 +19,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use millrace_crds::InferenceDeployment;
+use millrace_crds::spec::Topology;
 use millrace_crds::spec::{AutoscalingMode, duration};
 
-use super::names::{Component, labels, scorer_name};
+use super::names::{Component, compute_name, labels, scorer_name};
 use super::{BuildError, owner_reference};
 
 /// The external metric the HPA scales on.
@@ -55,10 +56,15 @@ pub fn horizontal_pod_autoscaler(
             ..ObjectMeta::default()
         },
         spec: HorizontalPodAutoscalerSpec {
+            // Misses size the model tier: in the split topology, the compute tier (the cache
+            // tier then keeps autoscaling.cacheTier.minReplicas).
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some("apps/v1".into()),
                 kind: "Deployment".into(),
-                name,
+                name: match resource.spec.serving.topology {
+                    Topology::Split => compute_name(resource),
+                    Topology::Unified => name,
+                },
             },
             // An HPA cannot go below one replica without the HPAScaleToZero feature.
             min_replicas: Some(spec.min_replicas.max(1)),

@@ -58,6 +58,10 @@ pub struct Children {
     pub cron_job: Option<CronJob>,
     /// `{name}-scorer`, when `autoscaling.mode` is `hpa`.
     pub horizontal_pod_autoscaler: Option<HorizontalPodAutoscaler>,
+    /// `{name}-compute`, the GPU compute tier, with `serving.topology: split`.
+    pub compute_deployment: Option<Deployment>,
+    /// `{name}-compute`, the compute tier's Service, with `serving.topology: split`.
+    pub compute_service: Option<Service>,
 }
 
 /// Builds every child of `resource`.
@@ -74,6 +78,8 @@ pub fn build(
         pod_disruption_budget: service::pod_disruption_budget(resource)?,
         cron_job: batch::cron_job(resource, options)?,
         horizontal_pod_autoscaler: hpa::horizontal_pod_autoscaler(resource)?,
+        compute_deployment: deployment::compute_deployment(resource, options, &checksum)?,
+        compute_service: service::compute_service(resource)?,
         scorer_config,
     })
 }

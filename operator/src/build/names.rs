@@ -29,6 +29,8 @@ pub enum Component {
     Batch,
     /// Warm Jobs the autoscaler runs when misses stay high.
     Warm,
+    /// The split topology's GPU compute tier (Deployment and Service).
+    Compute,
 }
 
 impl Component {
@@ -37,6 +39,7 @@ impl Component {
             Component::Scorer => "scorer",
             Component::Batch => "batch",
             Component::Warm => "warm",
+            Component::Compute => "compute",
         }
     }
 }
@@ -44,6 +47,11 @@ impl Component {
 /// `{name}-scorer`: the Deployment, Service and PodDisruptionBudget.
 pub fn scorer_name(resource: &InferenceDeployment) -> String {
     format!("{}-scorer", resource.name_any())
+}
+
+/// `{name}-compute`: the split topology's compute tier (Deployment and Service).
+pub fn compute_name(resource: &InferenceDeployment) -> String {
+    format!("{}-compute", resource.name_any())
 }
 
 /// `{name}-config`: the ConfigMap holding the scorer config.

@@ -8,26 +8,54 @@ use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use millrace_crds::InferenceDeployment;
 
-use super::names::{Component, labels, scorer_name, selector_labels};
+use millrace_crds::spec::Topology;
+
+use super::names::{Component, compute_name, labels, scorer_name, selector_labels};
 use super::{BuildError, owner_reference};
 
 fn metadata(resource: &InferenceDeployment) -> Result<ObjectMeta, BuildError> {
+    metadata_for(resource, Component::Scorer, scorer_name(resource))
+}
+
+fn metadata_for(
+    resource: &InferenceDeployment,
+    component: Component,
+    name: String,
+) -> Result<ObjectMeta, BuildError> {
     Ok(ObjectMeta {
-        name: Some(scorer_name(resource)),
+        name: Some(name),
         namespace: resource.namespace(),
-        labels: Some(labels(resource, Component::Scorer)),
+        labels: Some(labels(resource, component)),
         owner_references: Some(vec![owner_reference(resource)?]),
         ..ObjectMeta::default()
     })
 }
 
-/// `{name}-scorer`: a ClusterIP Service on port 80 in front of the scorers' HTTP port.
+/// `{name}-scorer`: a ClusterIP Service on port 80 in front of the scorers' HTTP port (in
+/// the split topology, the cache tier: what clients call either way).
 pub fn service(resource: &InferenceDeployment) -> Result<Service, BuildError> {
+    http_service(resource, Component::Scorer, scorer_name(resource))
+}
+
+/// `{name}-compute`: the compute tier's Service, which the cache tier calls; only in the
+/// split topology.
+pub fn compute_service(resource: &InferenceDeployment) -> Result<Option<Service>, BuildError> {
+    if resource.spec.serving.topology != Topology::Split {
+        return Ok(None);
+    }
+    http_service(resource, Component::Compute, compute_name(resource)).map(Some)
+}
+
+fn http_service(
+    resource: &InferenceDeployment,
+    component: Component,
+    name: String,
+) -> Result<Service, BuildError> {
     Ok(Service {
-        metadata: metadata(resource)?,
+        metadata: metadata_for(resource, component, name)?,
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            selector: Some(selector_labels(resource, Component::Scorer)),
+            selector: Some(selector_labels(resource, component)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: 80,

@@ -14,6 +14,9 @@
 //! - When computing fails (budget spent, queue full, model error, features missing under the
 //!   `fallback` policy), a stale batch prediction is served marked `stale`, else the default,
 //!   else there is no answer (HTTP 503). Every answer lists what degraded it.
+//! - In the split topology's cache role, a miss is computed by the compute tier
+//!   ([`super::remote`]) instead of a local model; a cold or unreachable compute tier
+//!   degrades to the stale batch prediction or the default, marked `compute_unavailable`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use super::activity::ActivitySampler;
 use super::batcher::{InferError, MicroBatcher};
 use super::memory::{MemoryTier, Origin, Remembered};
 use super::metrics::Metrics;
+use super::remote::{RemoteCompute, RemoteError};
 use super::settings::ServeSettings;
 use super::singleflight::SingleFlight;
 use super::store::RedisTier;
@@ -75,6 +79,8 @@ pub enum Degradation {
     ModelError,
     /// Some input had no value (filled, or the cause of a fallback).
     MissingFeatures,
+    /// The split topology's compute tier is cold (scaled to zero), unreachable or slow.
+    ComputeUnavailable,
 }
 
 impl Degradation {
@@ -86,6 +92,7 @@ impl Degradation {
             Degradation::Overloaded => "overloaded",
             Degradation::ModelError => "model_error",
             Degradation::MissingFeatures => "missing_features",
+            Degradation::ComputeUnavailable => "compute_unavailable",
         }
     }
 }
@@ -123,12 +130,20 @@ struct Computed {
     filled: bool,
 }
 
+/// What computes a miss.
+pub enum Engine {
+    /// The model in this pod, through the micro-batcher (unified and compute roles).
+    Local(MicroBatcher),
+    /// The split topology's compute tier, over HTTP (the cache role).
+    Remote(RemoteCompute),
+}
+
 /// The online path's core, shared by every request.
 pub struct Scorer {
     settings: ServeSettings,
     memory: MemoryTier,
     redis: Arc<RedisTier>,
-    batcher: MicroBatcher,
+    engine: Engine,
     flights: SingleFlight<Result<Computed, Degradation>>,
     metrics: Arc<Metrics>,
     traffic: Arc<TrafficCounter>,
@@ -140,7 +155,7 @@ impl Scorer {
     pub fn new(
         settings: ServeSettings,
         redis: Arc<RedisTier>,
-        batcher: MicroBatcher,
+        engine: Engine,
         metrics: Arc<Metrics>,
         traffic: Arc<TrafficCounter>,
         activity: Arc<ActivitySampler>,
@@ -150,7 +165,7 @@ impl Scorer {
             settings,
             memory,
             redis,
-            batcher,
+            engine,
             flights: SingleFlight::default(),
             metrics,
             traffic,
@@ -163,9 +178,13 @@ impl Scorer {
         &self.settings
     }
 
-    /// The micro-batcher (the v2 protocol's raw tensors go straight to it).
-    pub fn batcher(&self) -> &MicroBatcher {
-        &self.batcher
+    /// The micro-batcher (the v2 protocol's raw tensors go straight to it); none in the
+    /// cache role, which has no model.
+    pub fn batcher(&self) -> Option<&MicroBatcher> {
+        match &self.engine {
+            Engine::Local(batcher) => Some(batcher),
+            Engine::Remote(_) => None,
+        }
     }
 
     /// Answers one entity (`id` already validated). `supplied` feature values are used if
@@ -330,6 +349,12 @@ impl Scorer {
         supplied: &HashMap<String, f32>,
         deadline: Instant,
     ) -> Result<Computed, Degradation> {
+        let batcher = match &self.engine {
+            Engine::Local(batcher) => batcher,
+            Engine::Remote(remote) => {
+                return self.compute_remotely(remote, id, supplied, deadline).await;
+            }
+        };
         let plan = &self.settings.features;
         let mut store_failed = false;
         let online = match plan.online_key(id) {
@@ -363,8 +388,7 @@ impl Scorer {
         if Instant::now() >= deadline {
             return Err(Degradation::LatencyBudget);
         }
-        let values = self
-            .batcher
+        let values = batcher
             .infer(assembled.row, deadline)
             .await
             .map_err(|e| match e {
@@ -390,6 +414,45 @@ impl Scorer {
             );
             self.redis
                 .write_back(id, computed.prediction, self.settings.realtime_ttl);
+        }
+        Ok(computed)
+    }
+
+    /// Has the compute tier score `id`. It writes the prediction back to Redis itself; this
+    /// pod only remembers it.
+    async fn compute_remotely(
+        &self,
+        remote: &RemoteCompute,
+        id: &str,
+        supplied: &HashMap<String, f32>,
+        deadline: Instant,
+    ) -> Result<Computed, Degradation> {
+        let answer = remote
+            .score(id, supplied, deadline)
+            .await
+            .map_err(|e| match e {
+                RemoteError::Timeout => Degradation::LatencyBudget,
+                RemoteError::Overloaded => Degradation::Overloaded,
+                RemoteError::Unavailable(_) | RemoteError::NotComputed(_) => {
+                    Degradation::ComputeUnavailable
+                }
+            })?;
+        let computed = Computed {
+            prediction: CachedPrediction {
+                value: answer.value,
+                computed_at_ms: answer.computed_at_ms,
+            },
+            degraded_features: false,
+            filled: answer.degraded,
+        };
+        if !answer.degraded {
+            self.memory.insert(
+                id,
+                Remembered {
+                    prediction: computed.prediction,
+                    origin: Origin::Realtime,
+                },
+            );
         }
         Ok(computed)
     }

@@ -36,8 +36,8 @@ use crate::model::Model;
 pub struct AppState {
     /// The lookup chain.
     pub scorer: Scorer,
-    /// The model (for metadata).
-    pub model: Arc<Model>,
+    /// The model (for metadata); none on the split topology's cache tier.
+    pub model: Option<Arc<Model>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// The request limits.

@@ -11,6 +11,7 @@ pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod oip;
+pub mod remote;
 pub mod settings;
 pub mod singleflight;
 pub mod store;
@@ -30,9 +31,10 @@ use crate::model::{Model, ModelError, SessionOptions};
 use activity::ActivitySampler;
 use batcher::{BatchPolicy, MicroBatcher};
 use breaker::BreakerPolicy;
-use chain::Scorer;
+use chain::{Engine, Scorer};
 use http::AppState;
 use metrics::Metrics;
+use remote::{RemoteCompute, RemotePolicy};
 use settings::{RequestLimits, ServeSettings};
 use store::RedisTier;
 use traffic::TrafficCounter;
@@ -44,6 +46,15 @@ pub struct ServeArgs {
     /// The config, Redis and model.
     #[command(flatten)]
     pub job: JobArgs,
+    /// `unified`: one pod does everything. In `serving.topology: split`, `cache` answers
+    /// from memory and Redis and forwards misses to `--compute-url` (no model, no GPU);
+    /// `compute` is a unified scorer that the cache tier calls (it publishes no traffic
+    /// windows: its load is the cache tier's misses, already counted there).
+    #[arg(long, env = "MILLRACE_ROLE", value_enum, default_value_t = Role::Unified)]
+    pub role: Role,
+    /// The compute tier's base URL (`http://{name}-compute`), for `--role cache`.
+    #[arg(long, env = "MILLRACE_COMPUTE_URL", required_if_eq("role", "cache"))]
+    pub compute_url: Option<String>,
     /// Listen here instead of `0.0.0.0:<serving.port>`.
     #[arg(long, env = "MILLRACE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -103,6 +114,17 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// What this scorer pod is in its topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Cache and model in one pod.
+    Unified,
+    /// The split topology's CPU cache tier.
+    Cache,
+    /// The split topology's GPU compute tier.
+    Compute,
+}
+
 /// Runs the online path until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let config = args.job.load_config()?;
@@ -110,32 +132,50 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         ServeSettings::from_config(&config).map_err(|e| args.job.config_error(e.to_string()))?;
 
     let metrics = Arc::new(Metrics::default());
-    let model_path = args.job.model_path(&config);
-    let model = Arc::new(
-        args.job
-            .load_model(
-                &config,
-                SessionOptions {
-                    intra_op_threads: Some(1),
-                },
-            )
-            .map_err(JobError::from)?,
-    );
-    warm_up(&model, settings.max_batch_rows)?;
-    let provider = format!("{:?}", model.provider()).to_lowercase();
-    metrics.model_loaded(&settings.model_version, &provider);
     metrics.set_latency_budget(settings.latency_budget);
-    info!(version = %settings.model_version, %provider, model = %model_path.display(), "model loaded and warmed up");
-
-    let (batcher, inference_thread) = MicroBatcher::start(
-        Arc::clone(&model),
-        BatchPolicy {
-            max_rows: settings.max_batch_rows,
-            max_delay: settings.max_batch_delay,
-            queue: args.inference_queue,
-        },
-        Arc::clone(&metrics),
-    )?;
+    // The cache tier loads no model: its misses go to the compute tier.
+    let (engine, model, inference_thread) = match (args.role, &args.compute_url) {
+        (Role::Cache, Some(url)) => {
+            info!(compute = %url, "cache tier: misses go to the compute tier");
+            let remote = RemoteCompute::start(
+                url,
+                RemotePolicy {
+                    max_rows: settings.max_batch_rows,
+                    max_delay: settings.max_batch_delay,
+                    queue: args.inference_queue,
+                    in_flight: 32,
+                },
+            );
+            (Engine::Remote(remote), None, None)
+        }
+        _ => {
+            let model_path = args.job.model_path(&config);
+            let model = Arc::new(
+                args.job
+                    .load_model(
+                        &config,
+                        SessionOptions {
+                            intra_op_threads: Some(1),
+                        },
+                    )
+                    .map_err(JobError::from)?,
+            );
+            warm_up(&model, settings.max_batch_rows)?;
+            let provider = format!("{:?}", model.provider()).to_lowercase();
+            metrics.model_loaded(&settings.model_version, &provider);
+            info!(version = %settings.model_version, %provider, model = %model_path.display(), role = ?args.role, "model loaded and warmed up");
+            let (batcher, thread) = MicroBatcher::start(
+                Arc::clone(&model),
+                BatchPolicy {
+                    max_rows: settings.max_batch_rows,
+                    max_delay: settings.max_batch_delay,
+                    queue: args.inference_queue,
+                },
+                Arc::clone(&metrics),
+            )?;
+            (Engine::Local(batcher), Some(model), Some(thread))
+        }
+    };
     let redis = Arc::new(RedisTier::new(
         args.job.redis_url.clone(),
         settings.redis_cluster,
@@ -163,7 +203,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         scorer: Scorer::new(
             settings,
             Arc::clone(&redis),
-            batcher,
+            engine,
             Arc::clone(&metrics),
             Arc::clone(&traffic),
             Arc::clone(&activity),
@@ -183,7 +223,8 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         Arc::clone(&activity),
         pod_name(&args),
         args.generation_refresh,
-        args.traffic_window,
+        // The compute tier's requests are the cache tier's misses, counted there.
+        (args.role != Role::Compute).then_some(args.traffic_window),
     ));
 
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -214,7 +255,9 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     }
     drop(state);
     // The inference thread ends once the last batcher handle is gone.
-    let _ = tokio::task::spawn_blocking(move || inference_thread.join()).await;
+    if let Some(thread) = inference_thread {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     info!("stopped");
     Ok(())
 }
@@ -242,7 +285,7 @@ async fn background_loops(
     activity: Arc<ActivitySampler>,
     pod: String,
     refresh: Duration,
-    window: Duration,
+    window: Option<Duration>,
 ) {
     let generations = {
         let redis = Arc::clone(&redis);
@@ -256,6 +299,9 @@ async fn background_loops(
         }
     };
     let windows = async move {
+        let Some(window) = window else {
+            return std::future::pending::<()>().await;
+        };
         let mut tick = tokio::time::interval(window);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;

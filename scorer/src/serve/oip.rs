@@ -28,8 +28,9 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::batcher::InferError;
+use super::batcher::{InferError, MicroBatcher};
 use super::http::{AppState, error, rejection};
+use crate::model::Model;
 
 /// The v2 routes.
 pub fn routes() -> Router<Arc<AppState>> {
@@ -80,6 +81,18 @@ fn ready_response(ready: bool) -> Response {
 
 async fn server_ready(State(state): State<Arc<AppState>>) -> Response {
     ready_response(state.ready.load(Ordering::Relaxed))
+}
+
+/// The model and its micro-batcher; a 503 saying where to go on the split topology's cache
+/// tier, which has neither.
+fn loaded(state: &AppState) -> Result<(&Model, &MicroBatcher), Box<Response>> {
+    match (state.model.as_deref(), state.scorer.batcher()) {
+        (Some(model), Some(batcher)) => Ok((model, batcher)),
+        _ => Err(Box::new(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this pod is the split topology's cache tier and holds no model; send Open Inference Protocol requests to the compute tier's Service ({name}-compute)",
+        ))),
+    }
 }
 
 /// Checks the model name (and version, when given) against the loaded model.
@@ -161,7 +174,10 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Response {
         return *response;
     }
     let settings = state.scorer.settings();
-    let model = &state.model;
+    let model = match loaded(state) {
+        Ok((model, _)) => model,
+        Err(response) => return *response,
+    };
     let mut parameters = serde_json::Map::new();
     parameters.insert(
         "execution_provider".into(),
@@ -263,27 +279,31 @@ async fn run_infer(
     if !state.ready.load(Ordering::Relaxed) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the model is not ready");
     }
-    let rows = match tensor_rows(state, &request) {
+    let (model, batcher) = match loaded(state) {
+        Ok(loaded) => loaded,
+        Err(response) => return *response,
+    };
+    let rows = match tensor_rows(model, state.limits.max_infer_rows, &request) {
         Ok(rows) => rows,
         Err(message) => {
             state.metrics.rejected("bad_tensor");
             return error(StatusCode::BAD_REQUEST, message);
         }
     };
-    let n = rows.len() / state.model.features();
+    let n = rows.len() / model.features();
     let deadline = Instant::now()
         + state
             .scorer
             .settings()
             .latency_budget
             .max(std::time::Duration::from_secs(1));
-    match state.scorer.batcher().infer(rows, deadline).await {
+    match batcher.infer(rows, deadline).await {
         Ok(values) => Json(InferResponse {
             model_name: state.scorer.settings().model_name.clone(),
             model_version: state.scorer.settings().model_version.clone(),
             id: request.id,
             outputs: vec![ResponseOutput {
-                name: state.model.output_name().to_string(),
+                name: model.output_name().to_string(),
                 shape: [n, 1],
                 datatype: "FP32",
                 data: values,
@@ -301,8 +321,7 @@ async fn run_infer(
 }
 
 /// Checks the request against the model and returns its rows, row-major.
-fn tensor_rows(state: &AppState, request: &InferRequest) -> Result<Vec<f32>, String> {
-    let model = &state.model;
+fn tensor_rows(model: &Model, max_rows: usize, request: &InferRequest) -> Result<Vec<f32>, String> {
     let features = model.features();
     let [input] = request.inputs.as_slice() else {
         return Err(format!(
@@ -324,7 +343,6 @@ fn tensor_rows(state: &AppState, request: &InferRequest) -> Result<Vec<f32>, Str
             input.datatype
         ));
     }
-    let max_rows = state.limits.max_infer_rows;
     match input.shape.as_slice() {
         [n, f] if *f == features as i64 && *n >= 1 && *n <= max_rows as i64 => {}
         [n, f] if *f == features as i64 && (*n < 1 || *n > max_rows as i64) => {

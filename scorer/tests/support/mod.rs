@@ -104,10 +104,14 @@ impl Scorer {
 
     /// Starts the scorer without waiting.
     pub fn spawn(config: &ScorerConfig, redis_url: &str, extra: &[&str]) -> Self {
+        Self::spawn_on(config, redis_url, extra, free_port())
+    }
+
+    /// Starts the scorer on `port` without waiting (a restart on the same address).
+    pub fn spawn_on(config: &ScorerConfig, redis_url: &str, extra: &[&str], port: u16) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("scorer.json");
         std::fs::write(&path, serde_json::to_string(config).expect("json")).expect("write");
-        let port = free_port();
         let pod = format!("scorer-test-{port}");
         let log = std::fs::File::create(dir.path().join("scorer.log")).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"))
