@@ -13,6 +13,10 @@
 //! - the image's entrypoint is a local binary chosen by the image name ([`Images`]);
 //! - the pod network is loopback: a container that declares a port gets a free local port
 //!   through `MILLRACE_LISTEN` (the scorer's listen flag), readable from [`Kubelet::endpoints`];
+//! - Services are a loopback proxy each (a kube-proxy stand-in): an `http://{service}` in a
+//!   container's arguments or environment becomes the proxy's address, which forwards each
+//!   connection to a running pod the Service selects, round robin, and refuses it (closes at
+//!   once) while there is none, as a Service without endpoints does;
 //! - init containers run to completion first; a pod of a Job reports its exit as the pod's
 //!   phase (Succeeded or Failed, with the exit code), which is what the Job controller counts;
 //! - a deleted pod's process is stopped with SIGTERM, as on a node.
@@ -120,6 +124,9 @@ struct RunningPod {
 
 type Pods = Arc<Mutex<HashMap<String, RunningPod>>>;
 
+/// Loopback proxies standing in for Services: Service name → proxy port.
+type Proxies = Arc<tokio::sync::Mutex<HashMap<String, u16>>>;
+
 /// Runs held pods of one namespace until dropped.
 pub struct Kubelet {
     pods: Pods,
@@ -130,7 +137,13 @@ impl Kubelet {
     /// Starts running the held pods of `namespace` with `images`.
     pub fn start(client: Client, namespace: &str, images: Images) -> Self {
         let pods: Pods = Arc::default();
-        let watch = tokio::spawn(run(client, namespace.to_string(), images, pods.clone()));
+        let watch = tokio::spawn(run(
+            client,
+            namespace.to_string(),
+            images,
+            pods.clone(),
+            Proxies::default(),
+        ));
         Self { pods, watch }
     }
 
@@ -169,7 +182,7 @@ impl Drop for Kubelet {
     }
 }
 
-async fn run(client: Client, namespace: String, images: Images, pods: Pods) {
+async fn run(client: Client, namespace: String, images: Images, pods: Pods, proxies: Proxies) {
     let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let mut events = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
     while let Some(event) = events.next().await {
@@ -197,7 +210,7 @@ async fn run(client: Client, namespace: String, images: Images, pods: Pods) {
         if !held || !running || known {
             continue;
         }
-        match start_pod(&client, &pod, &images).await {
+        match start_pod(&client, &pod, &images, &pods, &proxies).await {
             Ok(started) => {
                 let job_pod =
                     pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("Never");
@@ -299,6 +312,8 @@ async fn start_pod(
     client: &Client,
     pod: &Pod,
     images: &Images,
+    pods: &Pods,
+    proxies: &Proxies,
 ) -> Result<RunningPod, KubeletError> {
     let name = pod.name_any();
     let namespace = pod.namespace().unwrap_or_default();
@@ -361,7 +376,8 @@ async fn start_pod(
     // Longest first, so /var/lib/millrace/model is rewritten before /var/lib/millrace.
     mounts_seen.sort_by_key(|(mount, _)| std::cmp::Reverse(mount.len()));
     mounts_seen.dedup();
-    let rewrite = |text: &str| rewrite_paths(text, &mounts_seen);
+    let services = service_addresses(client, &namespace, pods, proxies, &init, &main).await?;
+    let rewrite = |text: &str| rewrite_services(&rewrite_paths(text, &mounts_seen), &services);
     for (path, bytes) in files {
         let bytes = match String::from_utf8(bytes) {
             Ok(text) => rewrite(&text).into_bytes(),
@@ -438,6 +454,140 @@ fn rewrite_paths(text: &str, mounts: &[(String, PathBuf)]) -> String {
         rest = chars.as_str();
     }
     out
+}
+
+/// `http://{service}` → `http://127.0.0.1:{proxy}` for every Service of `namespace` that the
+/// containers' arguments or environment name, starting a proxy for each the first time.
+async fn service_addresses(
+    client: &Client,
+    namespace: &str,
+    pods: &Pods,
+    proxies: &Proxies,
+    init: &[Container],
+    main: &Container,
+) -> Result<Vec<(String, String)>, KubeletError> {
+    let mut texts: Vec<&str> = Vec::new();
+    for container in init.iter().chain(std::iter::once(main)) {
+        texts.extend(container.args.iter().flatten().map(String::as_str));
+        texts.extend(
+            container
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|v| v.value.as_deref()),
+        );
+    }
+    let mut addresses = Vec::new();
+    for host in texts.iter().flat_map(|t| http_hosts(t)) {
+        // A bare name, or one under `.svc`, is a Service of this namespace (which may not
+        // exist yet: the proxy looks its selector up per connection, as DNS would later
+        // resolve it).
+        let name = host.split(':').next().unwrap_or_default();
+        let service = name.split('.').next().unwrap_or_default().to_string();
+        let is_service = name != "localhost"
+            && name.parse::<std::net::IpAddr>().is_err()
+            && (!name.contains('.') || name.contains(".svc"));
+        if !is_service {
+            continue;
+        }
+        let port = {
+            let mut known = proxies.lock().await;
+            match known.get(&service) {
+                Some(port) => *port,
+                None => {
+                    let api = Api::namespaced(client.clone(), namespace);
+                    let port = start_proxy(pods.clone(), api, service.clone())
+                        .await
+                        .map_err(|source| KubeletError::Io {
+                            pod: main.name.clone(),
+                            source,
+                        })?;
+                    known.insert(service.clone(), port);
+                    port
+                }
+            }
+        };
+        addresses.push((format!("http://{host}"), format!("http://127.0.0.1:{port}")));
+    }
+    // Longest first, so `http://a-b` is replaced before `http://a`.
+    addresses.sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
+    addresses.dedup();
+    Ok(addresses)
+}
+
+/// The hosts (with their `:port`, if any) of the `http://` URLs in `text`.
+fn http_hosts(text: &str) -> Vec<String> {
+    text.match_indices("http://")
+        .map(|(at, scheme)| {
+            text[at + scheme.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'))
+                .collect::<String>()
+        })
+        .filter(|host| !host.is_empty())
+        .collect()
+}
+
+fn rewrite_services(text: &str, services: &[(String, String)]) -> String {
+    let mut text = text.to_string();
+    for (from, to) in services {
+        text = text.replace(from.as_str(), to);
+    }
+    text
+}
+
+/// A loopback proxy for Service `name`: each connection goes to the next running pod its
+/// selector matches, or is closed at once when none does (or the Service does not exist).
+async fn start_proxy(
+    pods: Pods,
+    services: Api<k8s_openapi::api::core::v1::Service>,
+    name: String,
+) -> std::io::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let mut next = 0usize;
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let selector: BTreeMap<String, String> = match services.get_opt(&name).await {
+                Ok(Some(service)) => service.spec.and_then(|s| s.selector).unwrap_or_default(),
+                _ => continue,
+            };
+            if selector.is_empty() {
+                continue; // a Service without a selector has no pods of ours
+            }
+            let endpoints: Vec<u16> = pods
+                .lock()
+                .map(|all| {
+                    let mut ready: Vec<(&String, u16)> = all
+                        .iter()
+                        .filter(|(_, pod)| pod.child.is_some())
+                        .filter(|(_, pod)| {
+                            selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                        })
+                        .filter_map(|(name, pod)| pod.port.map(|port| (name, port)))
+                        .collect();
+                    ready.sort();
+                    ready.into_iter().map(|(_, port)| port).collect()
+                })
+                .unwrap_or_default();
+            if endpoints.is_empty() {
+                continue; // dropping the connection refuses it
+            }
+            let target = endpoints[next % endpoints.len()];
+            next = next.wrapping_add(1);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok(port)
 }
 
 /// The process of `container`: its image's binary, its arguments and environment.
@@ -624,6 +774,22 @@ mod tests {
         assert_eq!(
             rewrite_paths("/tmpfile /tmp/x", &mounts),
             "/tmpfile /tmp/k/tmp/x"
+        );
+    }
+
+    #[test]
+    fn service_urls_are_found_and_replaced() {
+        assert_eq!(
+            http_hosts("--compute-url http://churn-compute --x http://a.b.svc:8080/path"),
+            ["churn-compute", "a.b.svc:8080"]
+        );
+        let services = vec![(
+            "http://churn-compute".to_string(),
+            "http://127.0.0.1:4000".to_string(),
+        )];
+        assert_eq!(
+            rewrite_services("http://churn-compute/v1", &services),
+            "http://127.0.0.1:4000/v1"
         );
     }
 

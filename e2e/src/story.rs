@@ -141,51 +141,8 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     let ns = options.namespace.as_str();
     let mut report = StoryReport::default();
 
-    say.step("The example's model and users: an ONNX model and a Parquet table in S3");
-    let data = tempfile::tempdir().map_err(|e| fail("data", e.to_string()))?;
-    generate(data.path(), options.users)?;
-    let s3 = S3Server::start();
-    s3.create_bucket("models");
-    s3.create_bucket("lake");
-    s3.put_file(
-        "models",
-        "churn/1/model.onnx",
-        &data.path().join("model.onnx"),
-    );
-    s3.put_file(
-        "lake",
-        "churn/users/part-0.parquet",
-        &data.path().join("users/part-0.parquet"),
-    );
-    say.say(&format!(
-        "s3://models/churn/1/model.onnx and s3://lake/churn/users/ ({} users) on {}",
-        options.users,
-        s3.endpoint()
-    ));
-
-    say.step("A Redis for predictions, with the online feature store loaded");
-    let mut redis = RedisServer::start();
-    load_online_features(&redis, &data.path().join("online.json"))?;
-    say.say(&format!(
-        "{} (features:{{user}} hashes for every user)",
-        redis.url()
-    ));
-
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let credentials: BTreeMap<String, String> = s3
-        .credentials()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    secrets
-        .create(
-            &PostParams::default(),
-            &from_json(json!({
-                "metadata": {"name": "s3-credentials"},
-                "stringData": credentials,
-            })),
-        )
-        .await?;
+    let data = ExampleData::prepare(client, ns, options.users, say).await?;
+    let mut redis = data.redis;
 
     say.step("kubectl apply the example InferenceDeployment");
     let kubelet = Kubelet::start(
@@ -193,7 +150,7 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
         ns,
         Images::default().with("millrace-scorer", &options.scorer_binary),
     );
-    let resource = example(&redis.url());
+    let resource = example(&redis.url(), json!({}));
     let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), ns);
     api.patch(
         NAME,
@@ -276,7 +233,7 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
 
     say.step("After the batch: cache hits, equal to the model's output for the same rows");
     let expected: BTreeMap<String, f64> = serde_json::from_str(
-        &std::fs::read_to_string(data.path().join("expected.json"))
+        &std::fs::read_to_string(data.dir.path().join("expected.json"))
             .map_err(|e| fail("batch", e.to_string()))?,
     )
     .map_err(|e| fail("batch", e.to_string()))?;
@@ -329,7 +286,7 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     }
     report.redis_down = Some(answer);
     redis.restart();
-    load_online_features(&redis, &data.path().join("online.json"))?;
+    load_online_features(&redis, &data.dir.path().join("online.json"))?;
     say.say("Redis is back (empty: this one keeps no data); requests compute in real time again.");
 
     say.step("A miss spike: the autoscaler adds scorers (real processes; their pods on GPU nodes)");
@@ -410,9 +367,77 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     Ok(report)
 }
 
+/// The example's model and users in a local S3 server, a Redis with its online features, and
+/// the `s3-credentials` Secret the pods read them with.
+pub struct ExampleData {
+    /// The generator's output (model, Parquet, online features, expected outputs).
+    pub dir: tempfile::TempDir,
+    /// The S3 server holding `s3://models/churn/1/model.onnx` and `s3://lake/churn/users/`.
+    pub s3: S3Server,
+    /// The Redis for predictions, with `features:{id}` hashes loaded.
+    pub redis: RedisServer,
+}
+
+impl ExampleData {
+    /// Generates `users` users and serves them as the example expects, in `namespace`.
+    pub async fn prepare(
+        client: &Client,
+        namespace: &str,
+        users: usize,
+        say: Narrator,
+    ) -> Result<Self, StoryError> {
+        say.step("The example's model and users: an ONNX model and a Parquet table in S3");
+        let dir = tempfile::tempdir().map_err(|e| fail("data", e.to_string()))?;
+        generate(dir.path(), users)?;
+        let s3 = S3Server::start();
+        s3.create_bucket("models");
+        s3.create_bucket("lake");
+        s3.put_file(
+            "models",
+            "churn/1/model.onnx",
+            &dir.path().join("model.onnx"),
+        );
+        s3.put_file(
+            "lake",
+            "churn/users/part-0.parquet",
+            &dir.path().join("users/part-0.parquet"),
+        );
+        say.say(&format!(
+            "s3://models/churn/1/model.onnx and s3://lake/churn/users/ ({users} users) on {}",
+            s3.endpoint()
+        ));
+
+        say.step("A Redis for predictions, with the online feature store loaded");
+        let redis = RedisServer::start();
+        load_online_features(&redis, &dir.path().join("online.json"))?;
+        say.say(&format!(
+            "{} (features:{{user}} hashes for every user)",
+            redis.url()
+        ));
+
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let credentials: BTreeMap<String, String> = s3
+            .credentials()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        secrets
+            .create(
+                &PostParams::default(),
+                &from_json(json!({
+                    "metadata": {"name": "s3-credentials"},
+                    "stringData": credentials,
+                })),
+            )
+            .await?;
+        Ok(Self { dir, s3, redis })
+    }
+}
+
 /// The example as a user would apply it here: the model and features in the local S3, the
-/// local Redis, two shards, a quick autoscaler, and the pods handed to the e2e kubelet.
-fn example(redis_url: &str) -> InferenceDeployment {
+/// local Redis, two shards, a quick autoscaler, the pods handed to the e2e kubelet, and
+/// `patch` merged on top.
+pub fn example(redis_url: &str, patch: Value) -> InferenceDeployment {
     let path = workspace_root().join("examples/churn/inferencedeployment.yaml");
     let mut value: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap_or_default())
@@ -431,6 +456,7 @@ fn example(redis_url: &str) -> InferenceDeployment {
             "podMetadata": {"annotations": {HOLD_ANNOTATION: "e2e-kubelet"}},
         }}),
     );
+    merge_patch(&mut value, &patch);
     from_json(value)
 }
 
@@ -501,15 +527,25 @@ fn count_keys(redis: &RedisServer, pattern: &str) -> usize {
 }
 
 /// Waits until at least `count` scorer pods serve and answer `/readyz`.
-async fn wait_endpoints(
+pub async fn wait_endpoints(
     kubelet: &Kubelet,
+    count: usize,
+    what: &str,
+) -> Result<Vec<(String, u16)>, StoryError> {
+    wait_component(kubelet, "scorer", count, what).await
+}
+
+/// Waits until at least `count` pods of `component` (scorer, compute) answer `/readyz`.
+pub async fn wait_component(
+    kubelet: &Kubelet,
+    component: &str,
     count: usize,
     what: &str,
 ) -> Result<Vec<(String, u16)>, StoryError> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let mut ready = Vec::new();
-        for (pod, port) in kubelet.endpoints("app.kubernetes.io/component", "scorer") {
+        for (pod, port) in kubelet.endpoints("app.kubernetes.io/component", component) {
             if crate::net::http(port, "GET", "/readyz", None)
                 .await
                 .is_some_and(|(code, _)| code == 200)
@@ -554,7 +590,7 @@ async fn miss_load(ports: Vec<u16>, duration: Duration) {
 }
 
 /// `GET /v1/predictions/{id}`.
-async fn predict(port: u16, id: &str) -> Result<Answer, StoryError> {
+pub async fn predict(port: u16, id: &str) -> Result<Answer, StoryError> {
     let path = format!("/v1/predictions/{id}");
     let request = crate::net::http(port, "GET", &path, None);
     let (code, body) = tokio::time::timeout(Duration::from_secs(10), request)

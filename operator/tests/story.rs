@@ -8,34 +8,13 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use millrace_e2e::story::{Narrator, StoryOptions, run};
 use millrace_e2e::{install_crd, with_temp_ns};
 use support::OperatorProcess;
 
-/// The scorer binary beside the operator's, built if this test runs without the workspace.
-fn scorer_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "millrace-scorer",
-            "--bin",
-            "millrace-scorer",
-        ])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build -p millrace-scorer");
-    PathBuf::from(env!("CARGO_BIN_EXE_millrace-operator")).with_file_name("millrace-scorer")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_demo_story_holds_end_to_end_with_real_processes() {
-    let scorer = scorer_binary();
+    let scorer = support::scorer_binary();
     with_temp_ns("story", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
         let _operator = OperatorProcess::start(&ns, "story");

@@ -139,3 +139,23 @@ impl Drop for OperatorProcess {
         self.kill();
     }
 }
+
+/// The scorer binary beside the operator's, built first (so a test of the operator package
+/// alone still has it).
+pub fn scorer_binary() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "millrace-scorer",
+            "--bin",
+            "millrace-scorer",
+        ])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p millrace-scorer");
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_millrace-operator"))
+        .with_file_name("millrace-scorer")
+}
