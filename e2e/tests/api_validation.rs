@@ -75,6 +75,30 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "should match",
     ),
     (
+        "a warming schedule that is not cron",
+        r#"{"autoscaling": {"warming": {"schedule": "every morning"}}}"#,
+        "spec.autoscaling.warming.schedule",
+        "should match",
+    ),
+    (
+        "a cache tier of zero replicas",
+        r#"{"autoscaling": {"cacheTier": {"minReplicas": 0}}}"#,
+        "spec.autoscaling.cacheTier.minReplicas",
+        "should be greater than or equal to 1",
+    ),
+    (
+        "a cache tier min above its max",
+        r#"{"autoscaling": {"cacheTier": {"minReplicas": 5, "maxReplicas": 2}}}"#,
+        "spec.autoscaling.cacheTier.minReplicas",
+        "cacheTier.minReplicas must not exceed cacheTier.maxReplicas",
+    ),
+    (
+        "too many pod labels",
+        r#"{"podMetadata": {"labels": {"a0":"x","a1":"x","a2":"x","a3":"x","a4":"x","a5":"x","a6":"x","a7":"x","a8":"x","a9":"x","b0":"x","b1":"x","b2":"x","b3":"x","b4":"x","b5":"x","b6":"x","b7":"x","b8":"x","b9":"x","c0":"x","c1":"x","c2":"x","c3":"x","c4":"x","c5":"x","c6":"x","c7":"x","c8":"x","c9":"x","d0":"x","d1":"x","d2":"x","d3":"x","d4":"x","d5":"x","d6":"x","d7":"x","d8":"x","d9":"x","e0":"x","e1":"x","e2":"x","e3":"x","e4":"x","e5":"x","e6":"x","e7":"x","e8":"x","e9":"x","f0":"x","f1":"x","f2":"x","f3":"x","f4":"x","f5":"x","f6":"x","f7":"x","f8":"x","f9":"x","g0":"x","g1":"x","g2":"x","g3":"x","g4":"x"}}}"#,
+        "spec.podMetadata.labels",
+        "must have at most 64 items",
+    ),
+    (
         "zero shards",
         r#"{"batch": {"shards": 0}}"#,
         "spec.batch.shards",
@@ -215,6 +239,39 @@ async fn the_example_is_accepted_and_defaults_are_filled_in() {
         assert_eq!(spec.autoscaling.sync_period, "15s");
         assert_eq!(spec.features.time_zone, "UTC");
         assert_eq!(spec.cache.memory.ttl, "30s");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_example_variant_is_accepted_by_the_api_server() {
+    with_temp_ns("api-examples", |client, ns| async move {
+        install_crd(&client).await.expect("install the CRD");
+        let api = resource_api(client, &ns);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/churn");
+        let mut accepted = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("examples/churn") {
+            let path = entry.expect("an entry").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let mut object: Value =
+                serde_yaml_ng::from_str(&std::fs::read_to_string(&path).expect("readable"))
+                    .expect("YAML");
+            // One namespace for all: give each its own name.
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("x")
+                .to_string();
+            object["metadata"]["name"] = json!(format!("churn-{stem}"));
+            create(&api, object)
+                .await
+                .unwrap_or_else(|e| panic!("{} is refused: {e}", path.display()));
+            accepted.push(stem);
+        }
+        accepted.sort();
+        assert_eq!(accepted, ["gpu-pool", "inferencedeployment", "split"]);
     })
     .await;
 }

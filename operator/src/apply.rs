@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
-use crate::build::names::{FIELD_MANAGER, batch_name, compute_name, scorer_name};
+use crate::build::names::{FIELD_MANAGER, batch_name, compute_name, scorer_name, warm_name};
 use crate::build::{Children, batch};
 use crate::error::Error;
 
@@ -69,6 +69,14 @@ pub async fn apply(
                 resource,
             )
             .await?;
+        }
+    }
+    match &children.warm_cron_job {
+        Some(cron_job) => {
+            ssa(client, &namespace, cron_job).await?;
+        }
+        None => {
+            delete_if_owned::<CronJob>(client, &namespace, &warm_name(resource), resource).await?;
         }
     }
     // The split topology's compute tier; removed when the topology goes back to unified.

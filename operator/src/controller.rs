@@ -401,10 +401,11 @@ async fn record_batch(
 ) -> Result<Option<BatchUpdate>, Error> {
     let namespace = resource.namespace().unwrap_or_default();
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace)
-        .list(
-            &kube::api::ListParams::default()
-                .labels(&format!("{OWNER_LABEL}={}", resource.name_any())),
-        )
+        .list(&kube::api::ListParams::default().labels(&format!(
+            // Only batch runs: warm Jobs carry the owner label too.
+            "{OWNER_LABEL}={},app.kubernetes.io/component=batch",
+            resource.name_any()
+        )))
         .await
         .map_err(Error::kube("listing batch Jobs"))?;
     let Some((job, outcome)) = next_to_record(resource, &jobs.items) else {

@@ -341,7 +341,12 @@ async fn maybe_warm(
     }
     let children = crate::build::build(resource, &ctx.options)?;
     let name = crate::build::warm::warm_job_name(resource, now, cooldown);
-    let job = crate::build::warm::warm_job(resource, &children.deployment, &name)?;
+    // Warming needs the model: the compute tier's pod in the split topology.
+    let model_pod = children
+        .compute_deployment
+        .as_ref()
+        .unwrap_or(&children.deployment);
+    let job = crate::build::warm::warm_job(resource, model_pod, &name)?;
     let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(
         ctx.client.clone(),
         &resource.namespace().unwrap_or_default(),

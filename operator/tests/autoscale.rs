@@ -241,6 +241,21 @@ async fn misses_that_stay_high_start_one_warm_job_per_cooldown() {
         // Still high, but within the 1 h cooldown: no second Job.
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(warm_jobs().await.len(), 1, "one warm Job per cooldown");
+        // The warm Job has finished (kwok completes it): it is not a batch run, so nothing
+        // was recorded as one.
+        let warm = warm_jobs().await;
+        assert!(
+            warm[0].status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) >= 1,
+            "the warm Job completed"
+        );
+        let resource = api.get("churn").await.expect("the resource");
+        let status = resource.status.unwrap_or_default();
+        assert!(status.last_batch.is_none(), "{:?}", status.last_batch);
+        assert!(
+            !status.conditions.iter().any(|c| c.type_ == "BatchSucceeded"),
+            "{:?}",
+            status.conditions
+        );
         reporter.abort();
     })
     .await;

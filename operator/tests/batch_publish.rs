@@ -179,7 +179,7 @@ async fn a_failed_run_keeps_the_previous_generation_serving() {
 
         // A batch Job of this resource whose shard exits 1 (kwok's pod-fail stage).
         let job: Job = from_json(json!({
-            "metadata": {"name": "churn-batch-failing", "labels": {"millrace.dev/inference-deployment": "churn"}},
+            "metadata": {"name": "churn-batch-failing", "labels": {"millrace.dev/inference-deployment": "churn", "app.kubernetes.io/component": "batch"}},
             "spec": {
                 "backoffLimit": 0,
                 "template": {

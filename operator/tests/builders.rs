@@ -546,3 +546,38 @@ fn split_topology_renders_a_cpu_cache_tier_in_front_of_a_gpu_compute_tier() {
         Some(selector)
     );
 }
+
+#[test]
+fn a_warming_schedule_renders_a_warm_cron_job_from_the_pod_that_holds_the_model() {
+    assert!(children(&fixture()).warm_cron_job.is_none());
+    for (topology, gpu_expected) in [("unified", true), ("split", true)] {
+        let resource = with(
+            &fixture(),
+            serde_json::json!({"spec": {
+                "serving": {"topology": topology},
+                "autoscaling": {"warming": {"schedule": "30 7 * * 1-5", "top": 2500}}
+            }}),
+        );
+        let c = children(&resource);
+        let cron_job = c.warm_cron_job.expect("a warm CronJob");
+        assert_eq!(cron_job.metadata.name.as_deref(), Some("churn-warm"));
+        assert_eq!(cron_job.spec.schedule, "30 7 * * 1-5");
+        assert_eq!(cron_job.spec.concurrency_policy.as_deref(), Some("Forbid"));
+        let pod = cron_job
+            .spec
+            .job_template
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("pod");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        assert_eq!(args[0], "warm");
+        assert!(args.windows(2).any(|w| w == ["--top", "2500"]), "{args:?}");
+        assert!(!args.contains(&"cache".to_string()), "{topology}: {args:?}");
+        let gpu = pod.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some_and(|l| l.contains_key("nvidia.com/gpu"));
+        assert_eq!(gpu, gpu_expected, "{topology}: warming runs the model");
+    }
+}

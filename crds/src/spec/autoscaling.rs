@@ -186,6 +186,18 @@ pub struct WarmingSpec {
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('24h')").message("warming.cooldown must be between 1m and 24h"))]
     pub cooldown: String,
+
+    /// Also warm on a schedule, in cron syntax (`30 7 * * 1-5`: before the weekday morning
+    /// peak), as the CronJob `{name}-warm` (UTC, one run at a time). Independent of
+    /// `missesPerSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(
+            pattern = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
+        )
+    )]
+    pub schedule: Option<String>,
 }
 
 impl Default for WarmingSpec {
@@ -195,6 +207,7 @@ impl Default for WarmingSpec {
             window: default_warming_window(),
             top: default_warming_top(),
             cooldown: default_warming_cooldown(),
+            schedule: None,
         }
     }
 }

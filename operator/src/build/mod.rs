@@ -62,6 +62,8 @@ pub struct Children {
     pub compute_deployment: Option<Deployment>,
     /// `{name}-compute`, the compute tier's Service, with `serving.topology: split`.
     pub compute_service: Option<Service>,
+    /// `{name}-warm`, with `autoscaling.warming.schedule`.
+    pub warm_cron_job: Option<CronJob>,
 }
 
 /// Builds every child of `resource`.
@@ -71,14 +73,19 @@ pub fn build(
 ) -> Result<Children, BuildError> {
     let scorer_config = config::scorer_config(resource);
     let (config_text, checksum) = config::render(&scorer_config)?;
+    let scorer = deployment::deployment(resource, options, &checksum)?;
+    let compute = deployment::compute_deployment(resource, options, &checksum)?;
+    // Warming needs the model: the compute tier's pod in the split topology.
+    let warm_cron_job = warm::warm_cron_job(resource, compute.as_ref().unwrap_or(&scorer))?;
     Ok(Children {
         config_map: config::config_map(resource, &config_text)?,
-        deployment: deployment::deployment(resource, options, &checksum)?,
+        deployment: scorer,
         service: service::service(resource)?,
         pod_disruption_budget: service::pod_disruption_budget(resource)?,
         cron_job: batch::cron_job(resource, options)?,
         horizontal_pod_autoscaler: hpa::horizontal_pod_autoscaler(resource)?,
-        compute_deployment: deployment::compute_deployment(resource, options, &checksum)?,
+        compute_deployment: compute,
+        warm_cron_job,
         compute_service: service::compute_service(resource)?,
         scorer_config,
     })

@@ -54,6 +54,11 @@ pub fn compute_name(resource: &InferenceDeployment) -> String {
     format!("{}-compute", resource.name_any())
 }
 
+/// `{name}-warm`: the scheduled warm CronJob.
+pub fn warm_name(resource: &InferenceDeployment) -> String {
+    format!("{}-warm", resource.name_any())
+}
+
 /// `{name}-config`: the ConfigMap holding the scorer config.
 pub fn config_name(resource: &InferenceDeployment) -> String {
     format!("{}-config", resource.name_any())
