@@ -121,6 +121,8 @@ pub struct StoryReport {
     pub redis_down: Option<Answer>,
     /// Scorer replicas before and after the miss spike.
     pub scaled: (i32, i32),
+    /// From the spike's first request to the scale-up.
+    pub scale_up_after: Duration,
     /// Real scorer processes serving after the spike.
     pub scorers_running: usize,
     /// The nodes (and their pool) the scorer pods were scheduled on.
@@ -293,6 +295,7 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     let before = replicas(&deployments.get("churn-scorer").await?);
+    let spike = Instant::now();
     let load = tokio::spawn(miss_load(kubelet_ports(&kubelet), Duration::from_secs(40)));
     let scaled = crate::wait_named(&deployments, "churn-scorer", "scale-up on misses", |d| {
         replicas(d) > before
@@ -307,6 +310,7 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
     };
     let after = replicas(&scaled);
     report.scaled = (before, after);
+    report.scale_up_after = spike.elapsed();
     let serving = wait_endpoints(&kubelet, after as usize, "the new scorers").await;
     load.abort();
     let serving = serving?;
@@ -347,7 +351,8 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
         })
         .unwrap_or_default();
     say.say(&format!(
-        "{before} -> {after} replicas; {} scorer processes serving, scheduled on {}. {shown}",
+        "{before} -> {after} replicas {:.1} s after the spike began (the scorers publish a traffic window every 5 s; the operator syncs every 2 s); {} scorer processes serving, scheduled on {}. {shown}",
+        report.scale_up_after.as_secs_f64(),
         serving.len(),
         report.scorer_nodes.join(", ")
     ));

@@ -88,8 +88,9 @@ async fn compute_sleeps_at_zero_and_wakes_on_the_first_misses_without_a_failed_r
         }
         assert!(computed >= 15, "misses computed by the compute tier: {sources:?}");
 
-        // Only hits from now on: the compute tier sleeps at zero after the stabilization
-        // window, and its process is stopped.
+        // Only hits from now on: the compute tier sleeps at zero, but not before the
+        // stabilization window has passed since the last miss; its process is stopped.
+        let last_miss = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut i = 0;
         loop {
@@ -99,6 +100,11 @@ async fn compute_sleeps_at_zero_and_wakes_on_the_first_misses_without_a_failed_r
             i += 1;
             let compute = deployments.get("churn-compute").await.expect("the compute tier");
             if replicas(&compute) == 0 {
+                assert!(
+                    last_miss.elapsed() >= Duration::from_secs(6),
+                    "scaled to zero {:?} after the last miss, inside the 6 s window",
+                    last_miss.elapsed()
+                );
                 break;
             }
             assert!(Instant::now() < deadline, "the compute tier never went to zero");
@@ -134,6 +140,22 @@ async fn compute_sleeps_at_zero_and_wakes_on_the_first_misses_without_a_failed_r
         assert!(replicas(&compute) >= 1);
         assert!(degraded >= 1, "the first misses arrive while compute sleeps");
         assert!((0.0..=1.0).contains(&woke.prediction));
+
+        // Cut the metrics (Redis, where the traffic windows live, goes away) with compute up
+        // and no misses: for longer than the stabilization window, nothing is scaled down.
+        let mut data = data;
+        let before = replicas(&deployments.get("churn-compute").await.expect("compute"));
+        data.redis.stop();
+        let cut = Instant::now();
+        while cut.elapsed() < Duration::from_secs(10) {
+            // Answered from memory, or computed once its entry expires: never a failure.
+            ask(format!("user-{:06}", i % 20)).await.expect("answered without Redis");
+            answered += 1;
+            i += 1;
+            let now = replicas(&deployments.get("churn-compute").await.expect("compute"));
+            assert!(now >= before, "scaled down from {before} to {now} with the metrics cut");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         eprintln!(
             "{answered} requests, none failed; {degraded} answered degraded while compute slept"
         );

@@ -42,6 +42,13 @@ async fn the_demo_story_holds_end_to_end_with_real_processes() {
         let down = report.redis_down.as_ref().expect("an answer with Redis down");
         assert!(down.degraded.iter().any(|d| d.contains("redis")), "{down:?}");
         assert!(report.scaled.1 > report.scaled.0, "{report:?}");
+        // Within two sync periods (2 s) of the first traffic window that shows the spike
+        // (windows close every 5 s), plus slack for a loaded machine.
+        assert!(
+            report.scale_up_after <= std::time::Duration::from_secs(2 * 2 + 5 + 3),
+            "scale-up took {:?}",
+            report.scale_up_after
+        );
         assert!(report.scorers_running as i32 >= report.scaled.1, "{report:?}");
         assert!(
             !report.scorer_nodes.is_empty()
