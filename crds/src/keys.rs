@@ -125,6 +125,15 @@ impl Keyspace {
         format!("{}activity:{{{}}}:{hour}", self.base, self.tag)
     }
 
+    /// The fingerprint index of one row group in `generation`: the (entity, features
+    /// fingerprint) pairs its batch run scored, so an incremental run finds the unchanged
+    /// rows with one read per row group instead of one per entity. A row group is named by
+    /// its file's position in the sorted input listing and its index in the file, so a new
+    /// snapshot laid out like the last one (`date=…/part-0.parquet`) finds its index.
+    pub fn fingerprint_index(&self, generation: &str, file: usize, row_group: usize) -> String {
+        format!("{}g:{generation}:fpi:{file}:{row_group}", self.base)
+    }
+
     /// The generation an incremental run updated in place: scorers that find `generation`
     /// in the serving pointer read this one's keys.
     pub fn alias(&self, generation: &str) -> String {

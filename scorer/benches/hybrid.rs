@@ -5,7 +5,8 @@
 //! `redis-benchmark`'s rates as the store's ceiling. Prints figures; asserts nothing.
 //!
 //! `make bench` runs it. Environment knobs: `MILLRACE_BENCH_SECONDS` (per load run, default
-//! 10), `MILLRACE_BENCH_ENTITIES` (default 1000000), `MILLRACE_BENCH_BASELINE` (the
+//! 10), `MILLRACE_BENCH_ENTITIES` (default 1000000), `MILLRACE_BENCH_BATCH_ONLY` (stop after
+//! the batch section), `MILLRACE_BENCH_BASELINE` (the
 //! baseline's directory).
 
 use std::collections::HashMap;
@@ -397,13 +398,17 @@ fn main() {
             .to_string()
     };
     println!(
-        "incremental, 10% changed: {:.1} s (computed {}, carried {}), {:.1}x faster than the full run (target >= 5x), peak RSS {inc_rss} MiB",
+        "incremental, 10% changed: {:.1} s (computed {}, carried {}, settled by the fingerprint index {}), {:.1}x faster than the full run (target >= 5x), peak RSS {inc_rss} MiB",
         inc_time.as_secs_f64(),
         field("computed"),
         field("carried"),
+        field("settled_by_index"),
         our_time.as_secs_f64() / inc_time.as_secs_f64()
     );
 
+    if std::env::var_os("MILLRACE_BENCH_BATCH_ONLY").is_some() {
+        return;
+    }
     println!("\n== Serve: wrk, 1 thread, 32 connections, {seconds} s per run, uniform random ids");
     let mut results: HashMap<(&str, &str), Load> = HashMap::new();
     let range = entities as u64;

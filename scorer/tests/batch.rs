@@ -647,6 +647,7 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     let cfg = config_file(setup.dir.path(), &incremental);
     let mut computed = 0;
     let mut carried = 0;
+    let mut settled = 0;
     for index in 0..2 {
         let out = run_batch(&cfg, &server.url(), "g-inc", 2, index);
         let log = stderr(&out);
@@ -660,11 +661,16 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
         };
         computed += field("computed");
         carried += field("carried");
+        settled += field("settled_by_index");
     }
     assert_eq!(
         (computed, carried),
         (105, 900),
         "exactly the changed and the new rows are scored"
+    );
+    assert_eq!(
+        settled, 900,
+        "day 2 is laid out like day 1: the fingerprint index settles every unchanged row"
     );
     let after = raw_values(&mut conn, "g-full", &day2).await;
     for &i in &day2 {
@@ -701,7 +707,35 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
     assert!(
-        log.contains("computed=0") && log.contains("carried=1005"),
+        log.contains("computed=0")
+            && log.contains("carried=1005")
+            && log.contains("settled_by_index=1005"),
+        "{log}"
+    );
+
+    // Without the index (lost, or a table laid out anew) the answer is the same, found the
+    // exact way: every value read back and compared.
+    let index_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!(
+            "{}*",
+            ks.fingerprint_index("g-full", 0, 0).trim_end_matches("0:0")
+        ))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(!index_keys.is_empty(), "every run writes its index");
+    let _: () = conn.del(&index_keys).await.expect("del");
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc2")
+        .await
+        .expect("publish");
+    let out = run_batch(&cfg, &server.url(), "g-inc3", 1, 0);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("computed=0")
+            && log.contains("carried=1005")
+            && log.contains("settled_by_index=0"),
         "{log}"
     );
 }

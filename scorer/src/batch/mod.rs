@@ -14,13 +14,15 @@
 //! but a failed incremental run leaves a mix of new and previous predictions (each valid);
 //! unchanged predictions keep the TTL of the run that wrote them (run a full precompute
 //! more often than `batchTTL`); an entity gone from the input stays until that TTL. With
-//! nothing published yet, an incremental run is a full one.
+//! nothing published yet, an incremental run is a full one. Unchanged rows are found
+//! through a per-row-group fingerprint index ([`index`]) rather than one read per entity.
 //!
 //! Run by the operator's Indexed Job: the generation is the Job's name
 //! (`MILLRACE_GENERATION`), the shard count `MILLRACE_SHARDS`, the shard index Kubernetes'
 //! `JOB_COMPLETION_INDEX`.
 
 pub mod convert;
+pub mod index;
 pub mod input;
 pub mod progress;
 pub mod scoring;
@@ -40,7 +42,7 @@ use crate::model::{ModelError, SessionOptions};
 use convert::{ConvertError, Location, convert};
 use input::{Input, InputError};
 use progress::Progress;
-use scoring::Scoring;
+use scoring::{IndexPlace, Scoring};
 use writer::PredictionWriter;
 
 /// Rows per ONNX run and Redis pipeline when the config has no batch section.
@@ -245,6 +247,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         args.writes_in_flight,
         computed_at_ms,
         base.is_some(),
+        IndexPlace {
+            keyspace: keyspace.clone(),
+            generation: target.clone(),
+            ttl_ms,
+        },
     );
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
@@ -290,12 +297,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 .map(|id| keyspace.batch(&target, id))
                 .collect();
             scoring
-                .push(converted, keys, file.clone(), unit.row_group)
+                .push(converted, keys, (file.clone(), unit.file), unit.row_group)
                 .await?;
         }
     }
     scoring.finish().await?;
-    let (written, carried) = (scoring.written, scoring.carried);
+    let (written, carried, settled) = (scoring.written, scoring.carried, scoring.settled);
     if let Some(base) = &base {
         // Publishing this run's name must lead scorers to the generation it updated.
         let alias = keyspace.alias(&args.generation);
@@ -337,7 +344,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, filled, skipped,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, filled, skipped,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

@@ -2,21 +2,62 @@
 //! scoring (everything, or in an incremental run the rows whose fingerprint changed), run
 //! the model, and hand the writes to Redis pipelines in flight.
 //!
-//! Reading the published values for an incremental run is started as soon as a batch is
-//! converted and awaited only [`READ_AHEAD`] batches later, so Redis reads overlap decoding
-//! instead of alternating with it.
+//! An incremental run reads the fingerprint index of each row group ([`super::index`]) as
+//! soon as the group's first batch is converted and awaits it only [`READ_AHEAD`] batches
+//! later, so Redis reads overlap decoding; rows the index confirms unchanged cost nothing
+//! more, the others are read back and compared one by one. Every run writes the index of
+//! each row group it scored.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use millrace_crds::keys::{CachedPrediction, features_fingerprint};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use millrace_crds::keys::{CachedPrediction, Keyspace, features_fingerprint};
 use tokio::sync::Semaphore;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use super::BatchError;
 use super::convert::Converted;
+use super::index;
 use super::writer::{PredictionWriter, Previous};
 use crate::model::{Model, ModelError};
+
+/// A row group's fingerprint index, read once and shared by its batches.
+type KnownIndex = Shared<BoxFuture<'static, Arc<HashMap<u64, u64>>>>;
+
+/// A row group: its file's position in the input listing and its index in the file.
+type Group = (usize, usize);
+
+/// Where this run's fingerprint indexes live.
+#[derive(Debug, Clone)]
+pub struct IndexPlace {
+    /// The resource's keys.
+    pub keyspace: Keyspace,
+    /// The generation written (an incremental run's base).
+    pub generation: String,
+    /// Their TTL: the batch TTL.
+    pub ttl_ms: u64,
+}
+
+/// Reads a row group's index in the background; a failed or missing read is an empty index
+/// (every row then goes the exact way).
+fn read_index(writer: Arc<PredictionWriter>, key: String) -> KnownIndex {
+    let read = tokio::spawn(async move {
+        match writer.read(std::slice::from_ref(&key)).await {
+            Ok(values) => values
+                .into_iter()
+                .next()
+                .flatten()
+                .map(|bytes| index::decode(&bytes))
+                .unwrap_or_default(),
+            Err(_) => HashMap::new(),
+        }
+    });
+    async move { Arc::new(read.await.unwrap_or_default()) }
+        .boxed()
+        .shared()
+}
 
 /// Converted batches whose reads may be in flight before the oldest is scored.
 pub const READ_AHEAD: usize = 4;
@@ -25,8 +66,9 @@ pub const READ_AHEAD: usize = 4;
 pub struct Prepared {
     converted: Converted,
     fingerprints: Vec<u64>,
+    id_hashes: Vec<u64>,
     keys: Vec<String>,
-    before: Option<JoinHandle<Result<Vec<Previous>, redis::RedisError>>>,
+    known: Option<KnownIndex>,
     file: String,
     row_group: usize,
 }
@@ -47,10 +89,17 @@ pub struct Scoring {
     pub incremental: bool,
     queue: VecDeque<Prepared>,
     writes: JoinSet<Result<u64, BatchError>>,
+    index: IndexPlace,
+    /// Index reads in flight or done, for the row group being read.
+    known: HashMap<Group, KnownIndex>,
+    /// The index of the row group being scored: (entity hash, fingerprint) pairs.
+    building: Option<(Group, Vec<(u64, u64)>)>,
     /// Predictions written so far.
     pub written: u64,
     /// Entities left as they were.
     pub carried: u64,
+    /// Of those, the ones the fingerprint index settled without reading their value.
+    pub settled: u64,
 }
 
 impl Scoring {
@@ -61,6 +110,7 @@ impl Scoring {
         writes_in_flight: usize,
         computed_at_ms: u64,
         incremental: bool,
+        index: IndexPlace,
     ) -> Self {
         Self {
             features_per_row: model.features(),
@@ -71,8 +121,12 @@ impl Scoring {
             incremental,
             queue: VecDeque::new(),
             writes: JoinSet::new(),
+            index,
+            known: HashMap::new(),
+            building: None,
             written: 0,
             carried: 0,
+            settled: 0,
         }
     }
 
@@ -82,24 +136,39 @@ impl Scoring {
         &mut self,
         converted: Converted,
         keys: Vec<String>,
-        file: String,
+        (file, file_ordinal): (String, usize),
         row_group: usize,
     ) -> Result<(), BatchError> {
-        let fingerprints = converted
+        let fingerprints: Vec<u64> = converted
             .rows
             .chunks(self.features_per_row)
             .map(features_fingerprint)
             .collect();
-        let before = self.incremental.then(|| {
+        let id_hashes: Vec<u64> = converted.ids.iter().map(|id| index::id_hash(id)).collect();
+        let group = (file_ordinal, row_group);
+        if self.building.as_ref().map(|(g, _)| g) != Some(&group) {
+            self.flush_index().await?;
+            self.building = Some((group, Vec::new()));
+            // Batches already queued hold their own handle on older groups' indexes.
+            self.known.retain(|g, _| *g == group);
+        }
+        if let Some((_, pairs)) = self.building.as_mut() {
+            pairs.extend(id_hashes.iter().copied().zip(fingerprints.iter().copied()));
+        }
+        let known = self.incremental.then(|| {
+            let key = self.index_key(&group);
             let writer = Arc::clone(&self.writer);
-            let keys = keys.clone();
-            tokio::spawn(async move { writer.read(&keys).await })
+            self.known
+                .entry(group)
+                .or_insert_with(|| read_index(writer, key))
+                .clone()
         });
         self.queue.push_back(Prepared {
             converted,
             fingerprints,
+            id_hashes,
             keys,
-            before,
+            known,
             file,
             row_group,
         });
@@ -116,6 +185,7 @@ impl Scoring {
         while let Some(oldest) = self.queue.pop_front() {
             self.score(oldest).await?;
         }
+        self.flush_index().await?;
         while let Some(done) = self.writes.join_next().await {
             self.count(done)?;
         }
@@ -139,34 +209,86 @@ impl Scoring {
         Ok(())
     }
 
+    /// The index key of row group `group`.
+    fn index_key(&self, (file, row_group): &Group) -> String {
+        self.index
+            .keyspace
+            .fingerprint_index(&self.index.generation, *file, *row_group)
+    }
+
+    /// Writes the index of the row group just pushed. In an incremental run its old index
+    /// must have been read first: the read is awaited before the write is issued.
+    async fn flush_index(&mut self) -> Result<(), BatchError> {
+        let Some((group, pairs)) = self.building.take() else {
+            return Ok(());
+        };
+        if let Some(known) = self.known.get(&group) {
+            known.clone().await;
+        }
+        let key = self.index_key(&group);
+        let mut set = redis::cmd("SET");
+        set.arg(&key)
+            .arg(index::encode(&pairs))
+            .arg("PX")
+            .arg(self.index.ttl_ms);
+        let writer = Arc::clone(&self.writer);
+        self.writes.spawn(async move {
+            let () = writer
+                .command(&key, &set)
+                .await
+                .map_err(|source| BatchError::Redis {
+                    during: "writing the fingerprint index",
+                    source,
+                })?;
+            Ok(0)
+        });
+        self.reap()
+    }
+
     async fn score(&mut self, prepared: Prepared) -> Result<(), BatchError> {
         let Prepared {
             converted,
             fingerprints,
+            id_hashes,
             keys,
-            before,
+            known,
             file,
             row_group,
         } = prepared;
-        let before: Vec<Previous> = match before {
-            Some(read) => read
-                .await
-                .map_err(|e| ModelError::Run(format!("a read task failed: {e}")))?
-                .map_err(|source| BatchError::Redis {
-                    during: "reading the published predictions",
-                    source,
-                })?,
-            None => vec![None; keys.len()],
-        };
         // In place, only rows whose features changed since they were scored are scored
-        // again; the others keep their prediction untouched.
-        let changed: Vec<usize> = (0..keys.len())
-            .filter(|&i| {
-                !self.incremental
-                    || before[i].as_deref().and_then(CachedPrediction::fingerprint)
-                        != Some(fingerprints[i])
-            })
-            .collect();
+        // again; the others keep their prediction untouched. The index settles most rows;
+        // the rest are read back and compared with the fingerprint in their value.
+        let mut before: Vec<Previous> = vec![None; keys.len()];
+        let changed: Vec<usize> = match known {
+            None => (0..keys.len()).collect(),
+            Some(known) => {
+                let known = known.await;
+                let unsettled: Vec<usize> = (0..keys.len())
+                    .filter(|&i| known.get(&id_hashes[i]) != Some(&fingerprints[i]))
+                    .collect();
+                self.settled += (keys.len() - unsettled.len()) as u64;
+                if !unsettled.is_empty() {
+                    let unsettled_keys: Vec<String> =
+                        unsettled.iter().map(|&i| keys[i].clone()).collect();
+                    let values = self.writer.read(&unsettled_keys).await.map_err(|source| {
+                        BatchError::Redis {
+                            during: "reading the published predictions",
+                            source,
+                        }
+                    })?;
+                    for (&i, value) in unsettled.iter().zip(values) {
+                        before[i] = value;
+                    }
+                }
+                unsettled
+                    .into_iter()
+                    .filter(|&i| {
+                        before[i].as_deref().and_then(CachedPrediction::fingerprint)
+                            != Some(fingerprints[i])
+                    })
+                    .collect()
+            }
+        };
         self.carried += (keys.len() - changed.len()) as u64;
         if changed.is_empty() {
             return Ok(());
