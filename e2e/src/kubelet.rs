@@ -707,20 +707,8 @@ async fn config_map(
     map: &str,
     pod: &str,
 ) -> Result<BTreeMap<String, String>, KubeletError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let found = api
-        .get_opt(map)
-        .await
-        .map_err(|source| KubeletError::Kube {
-            pod: pod.to_string(),
-            source,
-        })?;
-    found
-        .map(|m| m.data.unwrap_or_default())
-        .ok_or_else(|| KubeletError::Missing {
-            pod: pod.to_string(),
-            what: format!("ConfigMap {map}"),
-        })
+    let found: ConfigMap = named(client, namespace, map, pod, "ConfigMap").await?;
+    Ok(found.data.unwrap_or_default())
 }
 
 async fn secret(
@@ -729,25 +717,39 @@ async fn secret(
     secret: &str,
     pod: &str,
 ) -> Result<BTreeMap<String, ByteString>, KubeletError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let found = api
-        .get_opt(secret)
+    let found: Secret = named(client, namespace, secret, pod, "Secret").await?;
+    let mut data = found.data.unwrap_or_default();
+    for (key, value) in found.string_data.unwrap_or_default() {
+        data.insert(key, ByteString(value.into_bytes()));
+    }
+    Ok(data)
+}
+
+/// The `kind` called `name` that pod `pod` refers to; missing is an error naming both.
+async fn named<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    pod: &str,
+    kind: &str,
+) -> Result<K, KubeletError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.get_opt(name)
         .await
         .map_err(|source| KubeletError::Kube {
             pod: pod.to_string(),
             source,
-        })?;
-    found
-        .map(|s| {
-            let mut data = s.data.unwrap_or_default();
-            for (key, value) in s.string_data.unwrap_or_default() {
-                data.insert(key, ByteString(value.into_bytes()));
-            }
-            data
-        })
+        })?
         .ok_or_else(|| KubeletError::Missing {
             pod: pod.to_string(),
-            what: format!("Secret {secret}"),
+            what: format!("{kind} {name}"),
         })
 }
 

@@ -93,34 +93,19 @@ async fn the_chart_lints_and_every_optional_part_passes_a_server_side_dry_run() 
     run("helm", &["lint", "--strict", &s(&chart())]);
     run("helm", &["lint", "--strict", &s(&chart()), "-f", &full]);
 
-    // A misspelt or mistyped value is refused by values.schema.json, naming it.
-    let error = run_failing(
-        "helm",
-        &["template", "r", &s(&chart()), "--set", "replicaCont=2"],
-    );
-    assert!(error.contains("replicaCont"), "{error}");
-    let error = run_failing(
-        "helm",
-        &[
-            "template",
-            "r",
-            &s(&chart()),
-            "--set",
-            "image.pullPolicy=Sometimes",
-        ],
-    );
-    assert!(error.contains("/image/pullPolicy"), "{error}");
-    let error = run_failing(
-        "helm",
-        &[
-            "template",
-            "r",
-            &s(&chart()),
-            "--set",
+    // A misspelt or mistyped value is refused by values.schema.json, naming it; a
+    // combination that cannot work is refused by the templates, saying why.
+    for (values, named) in [
+        ("replicaCont=2", "replicaCont"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        (
             "replicaCount=2,leaderElection.enabled=false",
-        ],
-    );
-    assert!(error.contains("leaderElection"), "{error}");
+            "leaderElection",
+        ),
+    ] {
+        let error = run_failing("helm", &["template", "r", &s(&chart()), "--set", values]);
+        assert!(error.contains(named), "--set {values}: {error}");
+    }
 
     // The real ServiceMonitor and PrometheusRule schemas.
     let crds = monitoring_crds();
