@@ -22,6 +22,7 @@
 //! `JOB_COMPLETION_INDEX`.
 
 pub mod convert;
+pub mod decode;
 pub mod index;
 pub mod input;
 pub mod progress;
@@ -32,14 +33,13 @@ pub mod writer;
 use std::sync::Arc;
 
 use clap::Args;
-use futures::TryStreamExt;
 use millrace_crds::keys::{Keyspace, now_ms};
 use millrace_crds::spec::duration;
 use tracing::info;
 
 use crate::job::{JobArgs, JobError};
 use crate::model::{ModelError, SessionOptions};
-use convert::{ConvertError, Location, convert};
+use convert::ConvertError;
 use input::{Input, InputError};
 use progress::Progress;
 use scoring::{IndexPlace, Scoring};
@@ -73,6 +73,10 @@ pub struct BatchArgs {
     /// large enough to keep one core busy, and the others go to decoding, encoding and Redis.
     #[arg(long, default_value_t = 1)]
     pub inference_threads: usize,
+    /// Row groups decoded at once (each by its own task), so decoding uses more than one
+    /// core.
+    #[arg(long, default_value_t = 2)]
+    pub decoders: usize,
 }
 
 /// Why a shard failed. The shard is then not recorded as done, and the run is not published.
@@ -257,48 +261,32 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
     let missing = config.features.missing.clone();
 
-    for unit in &units {
-        let file = input.files[unit.file].uri.clone();
-        let mut stream = input.stream(unit, &columns, batch_size)?;
-        let mut first_row = 0;
-        while let Some(record_batch) =
-            stream
-                .try_next()
-                .await
-                .map_err(|source| InputError::Decode {
-                    file: file.clone(),
-                    row_group: unit.row_group,
-                    source,
-                })?
-        {
-            let at = Location {
-                file: file.clone(),
-                row_group: unit.row_group,
-                first_row,
-            };
-            first_row += record_batch.num_rows();
-            let converted = convert(
-                &record_batch,
-                &id_column,
-                &config.model.inputs,
-                &missing,
-                &at,
-            )?;
-            rows += record_batch.num_rows() as u64;
-            filled += converted.filled;
-            skipped += converted.skipped;
-            progress.advance(record_batch.num_rows() as u64);
-            if converted.ids.is_empty() {
-                continue;
+    let plan = decode::DecodePlan {
+        input: Arc::new(input),
+        columns: columns.iter().map(|c| c.to_string()).collect(),
+        id_column: id_column.clone(),
+        inputs: config.model.inputs.clone(),
+        missing,
+        batch_size,
+        keyspace: keyspace.clone(),
+        generation: target.clone(),
+        features_per_row: model.features(),
+    };
+    let mut decoded = decode::start(plan, units, args.decoders);
+    while let Some(message) = decoded.recv().await {
+        match message? {
+            decode::Decoded::Batch(batch) => {
+                rows += batch.rows;
+                filled += batch.converted.filled;
+                skipped += batch.converted.skipped;
+                progress.advance(batch.rows);
+                if !batch.converted.ids.is_empty() {
+                    scoring.push(batch).await?;
+                }
             }
-            let keys = converted
-                .ids
-                .iter()
-                .map(|id| keyspace.batch(&target, id))
-                .collect();
-            scoring
-                .push(converted, keys, (file.clone(), unit.file), unit.row_group)
-                .await?;
+            decode::Decoded::GroupDone(file, row_group) => {
+                scoring.group_done((file, row_group)).await?;
+            }
         }
     }
     scoring.finish().await?;

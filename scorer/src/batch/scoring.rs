@@ -13,12 +13,13 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use millrace_crds::keys::{CachedPrediction, Keyspace, features_fingerprint};
+use millrace_crds::keys::{CachedPrediction, Keyspace};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::BatchError;
 use super::convert::Converted;
+use super::decode::DecodedBatch;
 use super::index;
 use super::writer::{PredictionWriter, Previous};
 use crate::model::{Model, ModelError};
@@ -27,7 +28,7 @@ use crate::model::{Model, ModelError};
 type KnownIndex = Shared<BoxFuture<'static, Arc<HashMap<u64, u64>>>>;
 
 /// A row group: its file's position in the input listing and its index in the file.
-type Group = (usize, usize);
+pub type Group = (usize, usize);
 
 /// Where this run's fingerprint indexes live.
 #[derive(Debug, Clone)]
@@ -92,8 +93,8 @@ pub struct Scoring {
     index: IndexPlace,
     /// Index reads in flight or done, for the row group being read.
     known: HashMap<Group, KnownIndex>,
-    /// The index of the row group being scored: (entity hash, fingerprint) pairs.
-    building: Option<(Group, Vec<(u64, u64)>)>,
+    /// The indexes of the row groups being decoded: (entity hash, fingerprint) pairs.
+    building: HashMap<Group, Vec<(u64, u64)>>,
     /// Predictions written so far.
     pub written: u64,
     /// Entities left as they were.
@@ -123,38 +124,31 @@ impl Scoring {
             writes: JoinSet::new(),
             index,
             known: HashMap::new(),
-            building: None,
+            building: HashMap::new(),
             written: 0,
             carried: 0,
             settled: 0,
         }
     }
 
-    /// Queues `converted` (keys already chosen) and scores the oldest queued batch once
-    /// more than [`READ_AHEAD`] wait.
-    pub async fn push(
-        &mut self,
-        converted: Converted,
-        keys: Vec<String>,
-        (file, file_ordinal): (String, usize),
-        row_group: usize,
-    ) -> Result<(), BatchError> {
-        let fingerprints: Vec<u64> = converted
-            .rows
-            .chunks(self.features_per_row)
-            .map(features_fingerprint)
-            .collect();
-        let id_hashes: Vec<u64> = converted.ids.iter().map(|id| index::id_hash(id)).collect();
+    /// Queues a decoded batch and scores the oldest queued batch once more than
+    /// [`READ_AHEAD`] wait.
+    pub async fn push(&mut self, batch: DecodedBatch) -> Result<(), BatchError> {
+        let DecodedBatch {
+            converted,
+            keys,
+            fingerprints,
+            id_hashes,
+            file,
+            file_ordinal,
+            row_group,
+            ..
+        } = batch;
         let group = (file_ordinal, row_group);
-        if self.building.as_ref().map(|(g, _)| g) != Some(&group) {
-            self.flush_index().await?;
-            self.building = Some((group, Vec::new()));
-            // Batches already queued hold their own handle on older groups' indexes.
-            self.known.retain(|g, _| *g == group);
-        }
-        if let Some((_, pairs)) = self.building.as_mut() {
-            pairs.extend(id_hashes.iter().copied().zip(fingerprints.iter().copied()));
-        }
+        self.building
+            .entry(group)
+            .or_default()
+            .extend(id_hashes.iter().copied().zip(fingerprints.iter().copied()));
         let known = self.incremental.then(|| {
             let key = self.index_key(&group);
             let writer = Arc::clone(&self.writer);
@@ -180,12 +174,20 @@ impl Scoring {
         self.reap()
     }
 
+    /// Every batch of `group` has been pushed: its index can be written.
+    pub async fn group_done(&mut self, group: Group) -> Result<(), BatchError> {
+        self.flush_index(group).await
+    }
+
     /// Scores everything queued and waits for every write.
     pub async fn finish(&mut self) -> Result<(), BatchError> {
         while let Some(oldest) = self.queue.pop_front() {
             self.score(oldest).await?;
         }
-        self.flush_index().await?;
+        let groups: Vec<Group> = self.building.keys().copied().collect();
+        for group in groups {
+            self.flush_index(group).await?;
+        }
         while let Some(done) = self.writes.join_next().await {
             self.count(done)?;
         }
@@ -216,14 +218,15 @@ impl Scoring {
             .fingerprint_index(&self.index.generation, *file, *row_group)
     }
 
-    /// Writes the index of the row group just pushed. In an incremental run its old index
-    /// must have been read first: the read is awaited before the write is issued.
-    async fn flush_index(&mut self) -> Result<(), BatchError> {
-        let Some((group, pairs)) = self.building.take() else {
+    /// Writes the index of `group`, whose batches have all been pushed. In an incremental
+    /// run its old index must have been read first: the read is awaited before the write
+    /// is issued (queued batches keep their own handle on it).
+    async fn flush_index(&mut self, group: Group) -> Result<(), BatchError> {
+        let Some(pairs) = self.building.remove(&group) else {
             return Ok(());
         };
-        if let Some(known) = self.known.get(&group) {
-            known.clone().await;
+        if let Some(known) = self.known.remove(&group) {
+            known.await;
         }
         let key = self.index_key(&group);
         let mut set = redis::cmd("SET");
