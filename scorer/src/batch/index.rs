@@ -3,11 +3,12 @@
 //! ([`millrace_crds::keys::Keyspace::fingerprint_index`]) with the batch TTL.
 //!
 //! An incremental run reads one index per row group (one `GET` of 16 bytes per row) and
-//! takes a row whose entity and fingerprint are in it as unchanged, so it neither reads nor
-//! writes that entity's prediction. Only the other rows (changed, new, or from a row group
-//! the index does not know, e.g. after the table was laid out anew) are read back one by one and
-//! compared with the fingerprint inside their stored value, as without an index. Every run
-//! writes the index of each row group it scored, so the next incremental run can use it.
+//! decides every row whose entity is in it without reading its prediction: the same
+//! fingerprint is unchanged (neither read nor written), another is changed (rescored; the
+//! write expects a value with the old fingerprint, which is how a duplicate id is still
+//! caught). Only rows the index does not know (new entities, or a row group laid out anew)
+//! are read back and compared with the fingerprint inside their stored value, as without an
+//! index. Every run writes the index of each row group it scored.
 //!
 //! The index is trusted: a prediction evicted from Redis while its index entry stays would
 //! not be recomputed until the next full run (the same TTL makes both expire together).

@@ -99,7 +99,8 @@ pub struct Scoring {
     pub written: u64,
     /// Entities left as they were.
     pub carried: u64,
-    /// Of those, the ones the fingerprint index settled without reading their value.
+    /// Rows the fingerprint index decided (unchanged or changed) without reading their
+    /// stored value.
     pub settled: u64,
 }
 
@@ -259,37 +260,48 @@ impl Scoring {
             row_group,
         } = prepared;
         // In place, only rows whose features changed since they were scored are scored
-        // again; the others keep their prediction untouched. The index settles most rows;
-        // the rest are read back and compared with the fingerprint in their value.
-        let mut before: Vec<Previous> = vec![None; keys.len()];
+        // again; the others keep their prediction untouched. The index settles most rows:
+        // in it with the same fingerprint, unchanged; with another, changed (its old
+        // fingerprint is what the write must find). Rows it does not know are read back and
+        // compared with the fingerprint in their value.
+        let mut before: Vec<Expected> = vec![Expected::Value(None); keys.len()];
         let changed: Vec<usize> = match known {
             None => (0..keys.len()).collect(),
             Some(known) => {
                 let known = known.await;
-                let unsettled: Vec<usize> = (0..keys.len())
-                    .filter(|&i| known.get(&id_hashes[i]) != Some(&fingerprints[i]))
-                    .collect();
-                self.settled += (keys.len() - unsettled.len()) as u64;
-                if !unsettled.is_empty() {
-                    let unsettled_keys: Vec<String> =
-                        unsettled.iter().map(|&i| keys[i].clone()).collect();
-                    let values = self.writer.read(&unsettled_keys).await.map_err(|source| {
+                let mut changed = Vec::new();
+                let mut unknown = Vec::new();
+                for i in 0..keys.len() {
+                    match known.get(&id_hashes[i]) {
+                        Some(&old) if old == fingerprints[i] => self.settled += 1,
+                        Some(&old) => {
+                            self.settled += 1;
+                            before[i] = Expected::Fingerprint(old);
+                            changed.push(i);
+                        }
+                        None => unknown.push(i),
+                    }
+                }
+                if !unknown.is_empty() {
+                    let unknown_keys: Vec<String> =
+                        unknown.iter().map(|&i| keys[i].clone()).collect();
+                    let values = self.writer.read(&unknown_keys).await.map_err(|source| {
                         BatchError::Redis {
                             during: "reading the published predictions",
                             source,
                         }
                     })?;
-                    for (&i, value) in unsettled.iter().zip(values) {
-                        before[i] = value;
+                    for (&i, value) in unknown.iter().zip(values) {
+                        if value.as_deref().and_then(CachedPrediction::fingerprint)
+                            != Some(fingerprints[i])
+                        {
+                            changed.push(i);
+                        }
+                        before[i] = Expected::Value(value);
                     }
                 }
-                unsettled
-                    .into_iter()
-                    .filter(|&i| {
-                        before[i].as_deref().and_then(CachedPrediction::fingerprint)
-                            != Some(fingerprints[i])
-                    })
-                    .collect()
+                changed.sort_unstable();
+                changed
             }
         };
         self.carried += (keys.len() - changed.len()) as u64;
@@ -326,7 +338,7 @@ impl Scoring {
                 (keys[i].clone(), encoded.to_vec())
             })
             .collect();
-        let expected: Vec<Previous> = changed.iter().map(|&i| before[i].clone()).collect();
+        let expected: Vec<Expected> = changed.iter().map(|&i| before[i].clone()).collect();
         let ids: Vec<String> = changed.iter().map(|&i| converted.ids[i].clone()).collect();
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
@@ -345,7 +357,7 @@ impl Scoring {
             for (((id, (_, value)), was), expected) in
                 ids.iter().zip(&entries).zip(previous).zip(expected)
             {
-                if conflicts(was.as_deref(), expected.as_deref(), value) {
+                if conflicts(was.as_deref(), &expected, value) {
                     return Err(BatchError::Duplicate {
                         id: id.clone(),
                         file,
@@ -359,13 +371,26 @@ impl Scoring {
     }
 }
 
+/// What an in-place write expects to replace.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expected {
+    /// The value read before (or nothing: a new key).
+    Value(Previous),
+    /// A value scored on features with this fingerprint (known from the index, not read).
+    Fingerprint(u64),
+}
+
 /// Whether a write's previous value `was` shows another row of this run wrote the key:
-/// not when it held nothing, what this run read before (an in-place update), or the same
-/// prediction (a retried shard).
-pub fn conflicts(was: Option<&[u8]>, expected: Option<&[u8]>, value: &[u8]) -> bool {
+/// not when it held nothing, what this run expected to replace (an in-place update), or the
+/// same prediction (a retried shard).
+pub fn conflicts(was: Option<&[u8]>, expected: &Expected, value: &[u8]) -> bool {
     let Some(was) = was else { return false };
-    if Some(was) == expected {
-        return false;
+    match expected {
+        Expected::Value(read) if Some(was) == read.as_deref() => return false,
+        Expected::Fingerprint(old) if CachedPrediction::fingerprint(was) == Some(*old) => {
+            return false;
+        }
+        _ => {}
     }
     match (
         CachedPrediction::decode(was),
@@ -393,21 +418,32 @@ mod tests {
     #[test]
     fn only_a_different_prediction_from_this_run_conflicts() {
         let new = value(0.5, 2);
-        assert!(!conflicts(None, None, &new), "a fresh key");
+        let none = Expected::Value(None);
+        assert!(!conflicts(None, &none, &new), "a fresh key");
         assert!(
-            !conflicts(Some(&value(0.5, 1)), None, &new),
+            !conflicts(Some(&value(0.5, 1)), &none, &new),
             "a retry: same prediction, other time"
         );
         assert!(
-            conflicts(Some(&value(0.7, 1)), None, &new),
+            conflicts(Some(&value(0.7, 1)), &none, &new),
             "another row of this run"
         );
         let read = value(0.1, 0);
+        let replaced = Expected::Value(Some(read.clone()));
         assert!(
-            !conflicts(Some(&read), Some(&read), &new),
+            !conflicts(Some(&read), &replaced, &new),
             "the value an in-place update replaces"
         );
-        assert!(conflicts(Some(&value(0.7, 1)), Some(&read), &new));
-        assert!(!conflicts(Some(b"garbage"), None, &new));
+        assert!(conflicts(Some(&value(0.7, 1)), &replaced, &new));
+        assert!(!conflicts(Some(b"garbage"), &none, &new));
+        // Known from the index: the old value carries the old fingerprint (9 here).
+        assert!(
+            !conflicts(Some(&value(0.1, 0)), &Expected::Fingerprint(9), &new),
+            "the value the index described"
+        );
+        assert!(
+            conflicts(Some(&value(0.7, 1)), &Expected::Fingerprint(8), &new),
+            "another fingerprint: another row of this run wrote it"
+        );
     }
 }
