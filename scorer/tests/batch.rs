@@ -2,7 +2,8 @@
 //! `parquet` crate), a real ONNX model, a real `redis-server`, a real 3-master Redis Cluster
 //! and a real S3-compatible server (moto): shards cover every row exactly once, predictions
 //! equal the model's, a killed shard records nothing and a rerun completes, bad input fails
-//! with the file, column and row group named.
+//! with the file, column and row group named, an incremental run rescores exactly the
+//! changed rows, and a failed one never leaves a fingerprint index ahead of its predictions.
 
 mod support;
 
@@ -717,6 +718,75 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
         .expect("publish");
     let out = run_batch(&cfg, &server.url(), "g-inc3", 1, 0);
     assert_eq!(shard_summary(&out), (0, 1005, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let ks = Keyspace::new("ml/churn", "3");
+    std::fs::create_dir_all(setup.lake().join("day1")).expect("dir");
+    std::fs::create_dir_all(setup.lake().join("day2")).expect("dir");
+    let ids: Vec<usize> = (0..300).collect();
+    write_parquet(&setup.lake().join("day1/p.parquet"), &ids, 300);
+    let changed = |i: usize| i % 10 == 3;
+    write_parquet_with(&setup.lake().join("day2/p.parquet"), &ids, 300, |i| {
+        if changed(i) { i + 50_000 } else { i }
+    });
+    let cfg = config_file(
+        setup.dir.path(),
+        &setup.config(&format!("file://{}/day1/", setup.lake().display()), 64, 1),
+    );
+    let out = run_batch(&cfg, &server.url(), "g-full", 1, 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-full")
+        .await
+        .expect("publish");
+    let index_key = ks.fingerprint_index("g-full", 0, 0);
+    let index_before: Vec<u8> = conn.get(&index_key).await.expect("index");
+
+    // One changed entity's key holds a hash: its write fails (WRONGTYPE), the others of its
+    // pipeline land, and the run fails.
+    let broken = ks.batch("g-full", "e13");
+    let _: () = conn.del(&broken).await.expect("del");
+    let _: () = conn.hset(&broken, "x", "1").await.expect("hset");
+    let mut incremental = setup.config(&format!("file://{}/day2/", setup.lake().display()), 64, 1);
+    if let Some(batch) = incremental.batch.as_mut() {
+        batch.incremental = true;
+    }
+    let cfg = config_file(setup.dir.path(), &incremental);
+    let out = run_batch(&cfg, &server.url(), "g-inc", 1, 0);
+    assert!(!out.status.success(), "the write to e13 must fail the run");
+    assert!(
+        stderr(&out).contains("writing predictions"),
+        "{}",
+        stderr(&out)
+    );
+    let index_after: Vec<u8> = conn.get(&index_key).await.expect("index");
+    assert!(
+        index_after == index_before,
+        "the group's index is not rewritten before all its predictions are written"
+    );
+
+    // Fixed and rerun: every changed entity is rescored, e13 included (an index written
+    // ahead would have called it unchanged and left it without a prediction).
+    let _: () = conn.del(&broken).await.expect("del");
+    let out = run_batch(&cfg, &server.url(), "g-inc-retry", 1, 0);
+    let (computed, carried, settled) = shard_summary(&out);
+    assert_eq!((computed, carried, settled), (30, 270, 300));
+    let after = read_all(&mut conn, "g-full", ids.len()).await;
+    for &i in &ids {
+        let source = if changed(i) { i + 50_000 } else { i };
+        let p = after[i]
+            .as_ref()
+            .unwrap_or_else(|| panic!("e{i} has no prediction"));
+        assert!(
+            (p.value - setup.expected(source)).abs() < 1e-6,
+            "e{i} carries the prediction of its current features"
+        );
+    }
 }
 
 /// A successful shard's (computed, carried, settled_by_index) from its summary line.

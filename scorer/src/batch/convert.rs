@@ -1,6 +1,10 @@
 //! Turns one Arrow record batch of the feature table into entity ids and model rows, with
 //! every way the data can be wrong named: file, column, row group and row.
 //!
+//! [`scan`] reads every row column by column (ids checked and hashed, features
+//! fingerprinted); [`Scanned::gather`] then builds text ids and row-major features for the
+//! rows to score only, so an incremental run pays for the changed rows alone.
+//!
 //! - The id column may be a string or an integer column (integers become their decimal
 //!   text); each id must be a valid entity id. A null id is an error.
 //! - Feature columns may be any integer or float type (read as f32). A null or non-finite
@@ -12,7 +16,9 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Float32Type;
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
-use millrace_crds::keys::validate_entity_id;
+use millrace_crds::keys::{
+    FINGERPRINT_SEED, fingerprint_column, fingerprint_finish, validate_entity_id,
+};
 use millrace_crds::spec::{MissingFeaturePolicy, MissingFeatures};
 
 /// Where in the input a batch came from, for error messages.
@@ -70,14 +76,85 @@ pub struct Converted {
     pub skipped: u64,
 }
 
-/// Converts `batch`, which holds the id column and every input (found by name).
-pub fn convert(
+/// A record batch read column by column: every id checked and hashed, every row's
+/// fingerprint, and which rows miss a feature; ids as text and features row by row are only
+/// built ([`Scanned::gather`]) for the rows that will be scored, which in an incremental
+/// run is the few that changed.
+#[derive(Debug)]
+pub struct Scanned {
+    ids: arrow_array::ArrayRef,
+    features: Vec<arrow_array::ArrayRef>,
+    /// Per row: the index hash of its id ([`super::index::id_hash`]).
+    pub id_hashes: Vec<u64>,
+    /// Per row: the fingerprint of its features as scored (missing ones filled).
+    pub fingerprints: Vec<u64>,
+    /// Per row: whether a feature is missing (null or not finite); empty when none is.
+    missing: Vec<bool>,
+    policy: MissingFeaturePolicy,
+    fill_value: f32,
+    /// Rows with a filled feature (fill policy).
+    pub filled: u64,
+    /// Rows skipped for a missing feature (fallback policy).
+    pub skipped: u64,
+}
+
+impl Scanned {
+    /// Rows in the batch, scored or skipped.
+    pub fn len(&self) -> usize {
+        self.id_hashes.len()
+    }
+
+    /// Whether the batch has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.id_hashes.is_empty()
+    }
+
+    /// Whether row `i` is scored (not skipped by the fallback policy).
+    pub fn is_scored(&self, i: usize) -> bool {
+        !(self.policy == MissingFeaturePolicy::Fallback && self.missing.get(i) == Some(&true))
+    }
+
+    /// The id of row `i`.
+    pub fn id(&self, i: usize) -> &str {
+        self.ids.as_string::<i32>().value(i)
+    }
+
+    /// The ids and row-major features of `rows`, as the model takes them.
+    pub fn gather(&self, rows: &[usize]) -> (Vec<String>, Vec<f32>) {
+        let columns: Vec<&arrow_array::PrimitiveArray<Float32Type>> = self
+            .features
+            .iter()
+            .map(|c| c.as_primitive::<Float32Type>())
+            .collect();
+        let values: Vec<&[f32]> = columns.iter().map(|c| c.values().as_ref()).collect();
+        let mut features = Vec::with_capacity(rows.len() * values.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for &i in rows {
+            ids.push(self.id(i).to_string());
+            if self.missing.get(i) == Some(&true) {
+                features.extend(columns.iter().map(|c| {
+                    Some(c.value(i))
+                        .filter(|v| c.is_valid(i) && v.is_finite())
+                        .unwrap_or(self.fill_value)
+                }));
+            } else {
+                features.extend(values.iter().map(|v| v[i]));
+            }
+        }
+        (ids, features)
+    }
+}
+
+/// Reads `batch`, which holds the id column and every input (found by name): checks every
+/// id, hashes it, fingerprints every row's features column by column, and counts the rows
+/// that miss a feature by the policy.
+pub fn scan(
     batch: &RecordBatch,
     id_column: &str,
     inputs: &[String],
     missing: &MissingFeatures,
     at: &Location,
-) -> Result<Converted, ConvertError> {
+) -> Result<Scanned, ConvertError> {
     let n = batch.num_rows();
     let value_error = |column: &str, row: usize, reason: String| ConvertError::Value {
         file: at.file.clone(),
@@ -98,7 +175,9 @@ pub fn convert(
     };
     let ids = column(id_column)?;
     let ids = match ids.data_type() {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => ids.clone(),
+        DataType::Utf8 => ids.clone(),
+        DataType::LargeUtf8 | DataType::Utf8View => arrow_cast::cast(ids, &DataType::Utf8)
+            .map_err(|e| value_error(id_column, 0, e.to_string()))?,
         t if t.is_integer() => arrow_cast::cast(ids, &DataType::Utf8).map_err(|e| {
             value_error(
                 id_column,
@@ -115,11 +194,24 @@ pub fn convert(
             });
         }
     };
-    let ids = arrow_cast::cast(&ids, &DataType::Utf8)
-        .map_err(|e| value_error(id_column, 0, e.to_string()))?;
-    let ids = ids.as_string::<i32>();
+    let mut id_hashes = Vec::with_capacity(n);
+    {
+        let text = ids.as_string::<i32>();
+        for i in 0..n {
+            if text.is_null(i) {
+                return Err(value_error(id_column, i, "the entity id is null".into()));
+            }
+            let id = text.value(i);
+            validate_entity_id(id)
+                .map_err(|e| value_error(id_column, i, format!("{e} ({id:?})")))?;
+            id_hashes.push(super::index::id_hash(id));
+        }
+    }
 
-    let mut columns = Vec::with_capacity(inputs.len());
+    let mut features = Vec::with_capacity(inputs.len());
+    let mut hashes = vec![FINGERPRINT_SEED; n];
+    let mut missing_rows: Vec<bool> = Vec::new();
+    let mut folded = Vec::new();
     for name in inputs {
         let column = column(name)?;
         let numeric = column.data_type().is_numeric()
@@ -140,48 +232,65 @@ pub fn convert(
         }
         let as_f32 = arrow_cast::cast(column, &DataType::Float32)
             .map_err(|e| value_error(name, 0, e.to_string()))?;
-        columns.push(as_f32);
-    }
-    let columns: Vec<&arrow_array::PrimitiveArray<Float32Type>> = columns
-        .iter()
-        .map(|c| c.as_primitive::<Float32Type>())
-        .collect();
-
-    let features = inputs.len();
-    let mut out = Converted {
-        ids: Vec::with_capacity(n),
-        rows: Vec::with_capacity(n * features),
-        ..Converted::default()
-    };
-    let mut row = Vec::with_capacity(features);
-    for i in 0..n {
-        if ids.is_null(i) {
-            return Err(value_error(id_column, i, "the entity id is null".into()));
-        }
-        let id = ids.value(i);
-        validate_entity_id(id).map_err(|e| value_error(id_column, i, format!("{e} ({id:?})")))?;
-        row.clear();
-        let mut any_missing = false;
-        for column in &columns {
-            let value = (!column.is_null(i))
-                .then(|| column.value(i))
-                .filter(|v| v.is_finite());
-            any_missing |= value.is_none();
-            row.push(value.unwrap_or(missing.fill_value));
-        }
-        if any_missing {
-            match missing.policy {
-                MissingFeaturePolicy::Fill => out.filled += 1,
-                MissingFeaturePolicy::Fallback => {
-                    out.skipped += 1;
-                    continue;
+        let typed = as_f32.as_primitive::<Float32Type>();
+        let values: &[f32] = typed.values();
+        if typed.null_count() == 0 && values.iter().all(|v| v.is_finite()) {
+            fingerprint_column(&mut hashes, values);
+        } else {
+            // A missing value is fingerprinted as what is scored in its place.
+            missing_rows.resize(n, false);
+            folded.clear();
+            folded.extend((0..n).map(|i| {
+                let present = typed.is_valid(i) && values[i].is_finite();
+                missing_rows[i] |= !present;
+                if present {
+                    values[i]
+                } else {
+                    missing.fill_value
                 }
-            }
+            }));
+            fingerprint_column(&mut hashes, &folded);
         }
-        out.ids.push(id.to_string());
-        out.rows.extend_from_slice(&row);
+        features.push(as_f32);
     }
-    Ok(out)
+    let fingerprints = hashes.into_iter().map(fingerprint_finish).collect();
+    let with_missing = missing_rows.iter().filter(|&&m| m).count() as u64;
+    let (filled, skipped) = match missing.policy {
+        MissingFeaturePolicy::Fill => (with_missing, 0),
+        MissingFeaturePolicy::Fallback => (0, with_missing),
+    };
+    Ok(Scanned {
+        ids,
+        features,
+        id_hashes,
+        fingerprints,
+        missing: missing_rows,
+        policy: missing.policy,
+        fill_value: missing.fill_value,
+        filled,
+        skipped,
+    })
+}
+
+/// Converts every scored row of `batch` ([`scan`], then [`Scanned::gather`] of them all).
+pub fn convert(
+    batch: &RecordBatch,
+    id_column: &str,
+    inputs: &[String],
+    missing: &MissingFeatures,
+    at: &Location,
+) -> Result<Converted, ConvertError> {
+    let scanned = scan(batch, id_column, inputs, missing, at)?;
+    let rows: Vec<usize> = (0..scanned.len())
+        .filter(|&i| scanned.is_scored(i))
+        .collect();
+    let (ids, rows) = scanned.gather(&rows);
+    Ok(Converted {
+        ids,
+        rows,
+        filled: scanned.filled,
+        skipped: scanned.skipped,
+    })
 }
 
 #[cfg(test)]
@@ -243,6 +352,44 @@ mod tests {
         let got = convert(&b, "entity_id", &inputs(), &skip, &at()).expect("skip");
         assert_eq!(got.ids, vec!["u1"]);
         assert_eq!(got.skipped, 2);
+    }
+
+    #[test]
+    fn scanned_fingerprints_are_those_of_the_rows_as_scored() {
+        let b = batch(
+            Arc::new(StringArray::from(vec!["u1", "u2", "u3"])),
+            Arc::new(Float64Array::from(vec![
+                Some(1.0),
+                None,
+                Some(f64::INFINITY),
+            ])),
+            Arc::new(Float64Array::from(vec![2.0, 3.0, 4.0])),
+        );
+        let scanned = scan(&b, "entity_id", &inputs(), &fill(), &at()).expect("scan");
+        let (ids, rows) = scanned.gather(&[2, 0, 1]);
+        assert_eq!(ids, vec!["u3", "u1", "u2"]);
+        assert_eq!(rows, vec![-1.0, 4.0, 1.0, 2.0, -1.0, 3.0]);
+        for (k, &i) in [2, 0, 1].iter().enumerate() {
+            assert_eq!(
+                scanned.fingerprints[i],
+                millrace_crds::keys::features_fingerprint(&rows[k * 2..k * 2 + 2]),
+                "row {i}"
+            );
+            assert_eq!(
+                scanned.id_hashes[i],
+                crate::batch::index::id_hash(scanned.id(i))
+            );
+        }
+        assert!((0..3).all(|i| scanned.is_scored(i)));
+        let skip = MissingFeatures {
+            policy: MissingFeaturePolicy::Fallback,
+            fill_value: 0.0,
+        };
+        let scanned = scan(&b, "entity_id", &inputs(), &skip, &at()).expect("scan");
+        assert_eq!(
+            (0..3).map(|i| scanned.is_scored(i)).collect::<Vec<_>>(),
+            vec![true, false, false]
+        );
     }
 
     #[test]

@@ -1,49 +1,63 @@
-//! The decoding stage of a batch shard: Parquet row groups decoded, converted to rows, keyed
-//! and fingerprinted by several tasks at once (`--decoders`, default 2), so on a machine with
-//! more than one core decoding no longer waits on itself. Batches reach the scoring stage
-//! through a bounded channel (memory stays flat: at most a few batches wait), each row
-//! group's end is announced so its fingerprint index can be written, and the first error
-//! stops the shard.
+//! The decoding stage of a batch shard: Parquet row groups decoded, every row checked and
+//! fingerprinted, by several tasks at once (`--decoders`, default 2), so on a machine with
+//! more than one core decoding no longer waits on itself. In an incremental run each decoder
+//! also reads its row group's fingerprint index and drops the rows it finds unchanged, so
+//! only changed or unknown rows are turned into model input and sent on. Batches reach the
+//! scoring stage through a bounded channel (memory stays flat: at most a few batches wait),
+//! each row group's end is announced with its new index, and the first error stops the
+//! shard.
 
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use millrace_crds::keys::{Keyspace, features_fingerprint};
+use millrace_crds::keys::Keyspace;
 use millrace_crds::spec::MissingFeatures;
 use tokio::sync::mpsc;
 
 use super::BatchError;
-use super::convert::{Converted, Location, convert};
-use super::index;
+use super::convert::{Location, scan};
+use super::index::KnownIndex;
 use super::input::{Input, InputError};
+use super::scoring::{Expected, Group};
 use super::shard::Unit;
+use super::writer::PredictionWriter;
 
-/// One converted record batch, ready to score.
+/// The rows of one record batch that need work: every row of a full run; in an incremental
+/// run the rows the fingerprint index does not find unchanged.
 pub struct DecodedBatch {
-    /// Ids and row-major features.
-    pub converted: Converted,
-    /// The Redis key of each id.
+    /// Their entity ids.
+    pub ids: Vec<String>,
+    /// Their features, row-major in the model's order.
+    pub features: Vec<f32>,
+    /// Their Redis keys.
     pub keys: Vec<String>,
-    /// The fingerprint of each row's features.
+    /// Their fingerprints.
     pub fingerprints: Vec<u64>,
-    /// The index hash of each id.
-    pub id_hashes: Vec<u64>,
+    /// What each write expects to replace; `None`: not known, read the value back first.
+    pub expected: Vec<Option<Expected>>,
     /// The file's URI, for messages.
     pub file: String,
-    /// The file's position in the listing.
-    pub file_ordinal: usize,
-    /// The row group.
-    pub row_group: usize,
-    /// Rows read (scored or skipped).
+    /// The row group: the file's position in the listing and the group's index in it.
+    pub group: Group,
+    /// Rows read (scored, skipped or found unchanged).
     pub rows: u64,
+    /// Rows scored with a filled feature.
+    pub filled: u64,
+    /// Rows skipped for a missing feature.
+    pub skipped: u64,
+    /// Rows the index found unchanged: nothing more to do.
+    pub unchanged: u64,
+    /// Rows the index decided (unchanged or changed) without reading their value.
+    pub settled: u64,
 }
 
 /// What the decoders send.
 pub enum Decoded {
     /// A batch to score.
     Batch(DecodedBatch),
-    /// Every batch of row group (file position, row group) has been sent.
-    GroupDone(usize, usize),
+    /// Every batch of this row group has been sent; its new fingerprint index (entity hash,
+    /// fingerprint of every scored row, in order) is to be written once its writes land.
+    GroupDone(Group, Vec<(u64, u64)>),
 }
 
 /// What every decoder needs.
@@ -63,10 +77,11 @@ pub struct DecodePlan {
     pub batch_size: usize,
     /// Where predictions go.
     pub keyspace: Keyspace,
-    /// The generation written.
+    /// The generation written (an incremental run's base).
     pub generation: String,
-    /// Inputs per row.
-    pub features_per_row: usize,
+    /// Where an incremental run reads the fingerprint indexes of the generation it updates;
+    /// `None` for a full run.
+    pub known: Option<Arc<PredictionWriter>>,
 }
 
 /// Decodes `units` with at most `decoders` at once; returns the receiving end. The channel
@@ -98,20 +113,42 @@ pub fn start(
     rx
 }
 
+/// Reads row group `group`'s index in the background; a failed or missing read is an empty
+/// index (every row then goes the exact way).
+fn read_index(plan: &DecodePlan, group: Group) -> Option<tokio::task::JoinHandle<KnownIndex>> {
+    let writer = Arc::clone(plan.known.as_ref()?);
+    let key = plan
+        .keyspace
+        .fingerprint_index(&plan.generation, group.0, group.1);
+    Some(tokio::spawn(async move {
+        let stored = writer
+            .read(std::slice::from_ref(&key))
+            .await
+            .ok()
+            .and_then(|values| values.into_iter().next().flatten());
+        KnownIndex::from_stored(stored.as_deref())
+    }))
+}
+
 async fn decode_unit(
     plan: &DecodePlan,
     unit: &Unit,
     tx: &mpsc::Sender<Result<Decoded, BatchError>>,
 ) -> Result<(), BatchError> {
+    let group = (unit.file, unit.row_group);
     let file = plan
         .input
         .files
         .get(unit.file)
         .map(|f| f.uri.clone())
         .unwrap_or_default();
+    let mut reading = read_index(plan, group);
+    let mut known: Option<KnownIndex> = None;
+    let keys = plan.keyspace.batch_keys(&plan.generation);
     let columns: Vec<&str> = plan.columns.iter().map(String::as_str).collect();
     let mut stream = plan.input.stream(unit, &columns, plan.batch_size)?;
     let mut first_row = 0;
+    let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(unit.rows as usize);
     while let Some(record_batch) = stream
         .try_next()
         .await
@@ -127,40 +164,62 @@ async fn decode_unit(
             first_row,
         };
         first_row += record_batch.num_rows();
-        let converted = convert(
+        let scanned = scan(
             &record_batch,
             &plan.id_column,
             &plan.inputs,
             &plan.missing,
             &at,
         )?;
-        let keys = converted
-            .ids
-            .iter()
-            .map(|id| plan.keyspace.batch(&plan.generation, id))
-            .collect();
-        let fingerprints = converted
-            .rows
-            .chunks(plan.features_per_row.max(1))
-            .map(features_fingerprint)
-            .collect();
-        let id_hashes = converted.ids.iter().map(|id| index::id_hash(id)).collect();
+        if let Some(read) = reading.take() {
+            known = Some(read.await.unwrap_or_default());
+        }
+        let (mut rows, mut expected) = (Vec::new(), Vec::new());
+        let (mut unchanged, mut settled) = (0, 0);
+        for i in (0..scanned.len()).filter(|&i| scanned.is_scored(i)) {
+            let (id_hash, fingerprint) = (scanned.id_hashes[i], scanned.fingerprints[i]);
+            let decision = match known.as_mut() {
+                // A full run: a key of this generation that already holds a value was
+                // written by a retry of this shard or by a duplicate row.
+                None => Some(Some(Expected::Value(None))),
+                Some(known) => match known.lookup(pairs.len(), id_hash) {
+                    Some(old) if old == fingerprint => None,
+                    Some(old) => Some(Some(Expected::Fingerprint(old))),
+                    None => Some(None),
+                },
+            };
+            pairs.push((id_hash, fingerprint));
+            match decision {
+                None => {
+                    unchanged += 1;
+                    settled += 1;
+                }
+                Some(expect) => {
+                    settled += u64::from(matches!(expect, Some(Expected::Fingerprint(_))));
+                    rows.push(i);
+                    expected.push(expect);
+                }
+            }
+        }
+        let (ids, features) = scanned.gather(&rows);
         let batch = DecodedBatch {
-            converted,
-            keys,
-            fingerprints,
-            id_hashes,
+            keys: ids.iter().map(|id| keys.key(id)).collect(),
+            fingerprints: rows.iter().map(|&i| scanned.fingerprints[i]).collect(),
+            ids,
+            features,
+            expected,
             file: file.clone(),
-            file_ordinal: unit.file,
-            row_group: unit.row_group,
-            rows: record_batch.num_rows() as u64,
+            group,
+            rows: scanned.len() as u64,
+            filled: scanned.filled,
+            skipped: scanned.skipped,
+            unchanged,
+            settled,
         };
         if tx.send(Ok(Decoded::Batch(batch))).await.is_err() {
             return Ok(()); // the shard stopped
         }
     }
-    let _ = tx
-        .send(Ok(Decoded::GroupDone(unit.file, unit.row_group)))
-        .await;
+    let _ = tx.send(Ok(Decoded::GroupDone(group, pairs))).await;
     Ok(())
 }

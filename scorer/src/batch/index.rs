@@ -12,11 +12,23 @@
 //!
 //! The index is trusted: a prediction evicted from Redis while its index entry stays would
 //! not be recomputed until the next full run (the same TTL makes both expire together).
+//! That trust is only safe if an index never runs ahead of the predictions it describes, so
+//! a row group's index is written only once every prediction write of that group has been
+//! acknowledged ([`IndexGate`]): a run that fails midway leaves the old index, whose stale
+//! fingerprints make the next run rescore those rows, never a new index over old values.
+//!
+//! Lookups go by position first: the rows of an unchanged layout come in the order the index
+//! was written, so row *k* of a group is usually pair *k*; only when that pair names another
+//! entity is a hash map of the whole group built.
 
 use std::collections::HashMap;
 
-/// The first byte of an encoded index: its format.
-const FORMAT: u8 = 1;
+use super::scoring::Group;
+
+/// The first byte of an encoded index: its format. 2: fingerprints of
+/// [`millrace_crds::keys::features_fingerprint`]'s version 2 (an index of format 1 reads as
+/// empty, and its rows go the exact way once).
+const FORMAT: u8 = 2;
 
 /// A 64-bit FNV-1a hash of an entity id: the index's key.
 pub fn id_hash(id: &str) -> u64 {
@@ -39,14 +51,15 @@ pub fn encode(pairs: &[(u64, u64)]) -> Vec<u8> {
     out
 }
 
-/// The pairs of a stored index; empty for anything that is not one (a missing, truncated
-/// or foreign value makes every row of the group go the slow, exact way).
-pub fn decode(bytes: &[u8]) -> HashMap<u64, u64> {
+/// The pairs of a stored index, in the order written; empty for anything that is not one
+/// (a missing, truncated or foreign value makes every row of the group go the slow, exact
+/// way).
+pub fn decode(bytes: &[u8]) -> Vec<(u64, u64)> {
     let Some((&FORMAT, body)) = bytes.split_first() else {
-        return HashMap::new();
+        return Vec::new();
     };
     if body.len() % 16 != 0 {
-        return HashMap::new();
+        return Vec::new();
     }
     body.chunks_exact(16)
         .map(|pair| {
@@ -59,6 +72,88 @@ pub fn decode(bytes: &[u8]) -> HashMap<u64, u64> {
         .collect()
 }
 
+/// A row group's index as read: what fingerprint each known entity was scored on.
+#[derive(Debug, Default)]
+pub struct KnownIndex {
+    pairs: Vec<(u64, u64)>,
+    by_id: Option<HashMap<u64, u64>>,
+}
+
+impl KnownIndex {
+    /// The index stored as `bytes` (empty when there is none).
+    pub fn from_stored(bytes: Option<&[u8]>) -> Self {
+        Self {
+            pairs: bytes.map(decode).unwrap_or_default(),
+            by_id: None,
+        }
+    }
+
+    /// The fingerprint entity `id_hash` was scored on, if the index knows it; `position` is
+    /// the row's place among the group's scored rows (where an unchanged layout has it).
+    pub fn lookup(&mut self, position: usize, id_hash: u64) -> Option<u64> {
+        match self.pairs.get(position) {
+            Some(&(id, fingerprint)) if id == id_hash => Some(fingerprint),
+            _ if self.pairs.is_empty() => None,
+            _ => self
+                .by_id
+                .get_or_insert_with(|| self.pairs.iter().copied().collect())
+                .get(&id_hash)
+                .copied(),
+        }
+    }
+}
+
+/// Holds each row group's new index until it may be written: when every batch of the group
+/// has been decoded ([`IndexGate::decoded`]) and every prediction write of the group has
+/// been acknowledged ([`IndexGate::opened`] / [`IndexGate::closed`]).
+#[derive(Debug, Default)]
+pub struct IndexGate {
+    open: HashMap<Group, usize>,
+    decoded: HashMap<Group, Vec<(u64, u64)>>,
+}
+
+impl IndexGate {
+    /// A batch of `group` has work in flight (scoring, then writing).
+    pub fn opened(&mut self, group: Group) {
+        *self.open.entry(group).or_default() += 1;
+    }
+
+    /// A batch of `group` is done (its writes acknowledged, or nothing to write); returns the
+    /// group's index if it may now be written.
+    pub fn closed(&mut self, group: Group) -> Option<(Group, Vec<(u64, u64)>)> {
+        if let Some(open) = self.open.get_mut(&group) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                self.open.remove(&group);
+            }
+        }
+        self.release(group)
+    }
+
+    /// Every batch of `group` has been decoded; `pairs` is its new index. Returns it if it
+    /// may be written now.
+    pub fn decoded(
+        &mut self,
+        group: Group,
+        pairs: Vec<(u64, u64)>,
+    ) -> Option<(Group, Vec<(u64, u64)>)> {
+        self.decoded.insert(group, pairs);
+        self.release(group)
+    }
+
+    /// Whether an index is still held back.
+    pub fn is_empty(&self) -> bool {
+        self.decoded.is_empty()
+    }
+
+    fn release(&mut self, group: Group) -> Option<(Group, Vec<(u64, u64)>)> {
+        if self.open.contains_key(&group) {
+            return None;
+        }
+        self.decoded.remove(&group).map(|pairs| (group, pairs))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,12 +161,52 @@ mod tests {
     #[test]
     fn an_index_round_trips_and_garbage_decodes_to_nothing() {
         let pairs = vec![(id_hash("u1"), 7), (id_hash("u2"), 9)];
-        let decoded = decode(&encode(&pairs));
-        assert_eq!(decoded.len(), 2);
-        assert_eq!(decoded.get(&id_hash("u2")), Some(&9));
+        assert_eq!(decode(&encode(&pairs)), pairs);
         assert!(decode(b"").is_empty());
         assert!(decode(&[FORMAT, 1, 2, 3]).is_empty());
         assert!(decode(&[9; 17]).is_empty());
+        let mut old_format = encode(&pairs);
+        old_format[0] = 1;
+        assert!(
+            decode(&old_format).is_empty(),
+            "format 1 holds other fingerprints"
+        );
         assert_ne!(id_hash("u1"), id_hash("u2"));
+    }
+
+    #[test]
+    fn lookups_go_by_position_then_by_entity() {
+        let (a, b, c) = (id_hash("a"), id_hash("b"), id_hash("c"));
+        let stored = encode(&[(a, 1), (b, 2), (c, 3)]);
+        let mut known = KnownIndex::from_stored(Some(&stored));
+        assert_eq!(known.lookup(1, b), Some(2), "in place");
+        assert!(known.by_id.is_none(), "no map for rows in place");
+        assert_eq!(known.lookup(0, c), Some(3), "moved");
+        assert_eq!(known.lookup(7, a), Some(1), "past the end");
+        assert_eq!(known.lookup(0, id_hash("new")), None);
+        let mut none = KnownIndex::from_stored(None);
+        assert_eq!(none.lookup(0, a), None);
+    }
+
+    #[test]
+    fn an_index_waits_for_its_groups_writes_and_decoding() {
+        let mut gate = IndexGate::default();
+        let pairs = vec![(1, 2)];
+        gate.opened((0, 0));
+        gate.opened((0, 0));
+        assert_eq!(
+            gate.decoded((0, 0), pairs.clone()),
+            None,
+            "writes in flight"
+        );
+        assert_eq!(gate.closed((0, 0)), None, "one write still in flight");
+        assert_eq!(gate.closed((0, 0)), Some(((0, 0), pairs.clone())));
+        assert!(gate.is_empty());
+        // Writes done before the last batch was decoded.
+        gate.opened((0, 1));
+        assert_eq!(gate.closed((0, 1)), None, "not decoded yet");
+        assert_eq!(gate.decoded((0, 1), pairs.clone()), Some(((0, 1), pairs)));
+        // A group with nothing to write goes out as soon as it is decoded.
+        assert_eq!(gate.decoded((1, 0), vec![]), Some(((1, 0), vec![])));
     }
 }

@@ -250,7 +250,6 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         Arc::clone(&writer),
         args.writes_in_flight,
         computed_at_ms,
-        base.is_some(),
         IndexPlace {
             keyspace: keyspace.clone(),
             generation: target.clone(),
@@ -270,23 +269,19 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         batch_size,
         keyspace: keyspace.clone(),
         generation: target.clone(),
-        features_per_row: model.features(),
+        known: base.is_some().then(|| Arc::clone(&writer)),
     };
     let mut decoded = decode::start(plan, units, args.decoders);
     while let Some(message) = decoded.recv().await {
         match message? {
             decode::Decoded::Batch(batch) => {
                 rows += batch.rows;
-                filled += batch.converted.filled;
-                skipped += batch.converted.skipped;
+                filled += batch.filled;
+                skipped += batch.skipped;
                 progress.advance(batch.rows);
-                if !batch.converted.ids.is_empty() {
-                    scoring.push(batch).await?;
-                }
+                scoring.push(batch).await?;
             }
-            decode::Decoded::GroupDone(file, row_group) => {
-                scoring.group_done((file, row_group)).await?;
-            }
+            decode::Decoded::GroupDone(group, pairs) => scoring.group_done(group, pairs)?,
         }
     }
     scoring.finish().await?;

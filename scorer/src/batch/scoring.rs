@@ -1,31 +1,26 @@
-//! The scoring stage of a batch shard: for each converted record batch, find what needs
-//! scoring (everything, or in an incremental run the rows whose fingerprint changed), run
-//! the model, and hand the writes to Redis pipelines in flight.
+//! The scoring stage of a batch shard: for each decoded batch (every row of a full run; in
+//! an incremental run only the rows the fingerprint index did not find unchanged), settle
+//! what is still unknown, run the model on what changed, and hand the writes to Redis
+//! pipelines in flight.
 //!
-//! An incremental run reads the fingerprint index of each row group ([`super::index`]) as
-//! soon as the group's first batch is converted and awaits it only [`READ_AHEAD`] batches
-//! later, so Redis reads overlap decoding; rows the index confirms unchanged cost nothing
-//! more, the others are read back and compared one by one. Every run writes the index of
-//! each row group it scored.
+//! Rows the index does not know are read back as soon as their batch arrives and compared
+//! only [`READ_AHEAD`] batches later, so those reads overlap decoding. A row group's new
+//! index is written once the group is decoded and all its prediction writes are
+//! acknowledged ([`IndexGate`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
 use millrace_crds::keys::{CachedPrediction, Keyspace};
+use redis::RedisError;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::BatchError;
-use super::convert::Converted;
 use super::decode::DecodedBatch;
-use super::index;
+use super::index::{self, IndexGate};
 use super::writer::{PredictionWriter, Previous};
 use crate::model::{Model, ModelError};
-
-/// A row group's fingerprint index, read once and shared by its batches.
-type KnownIndex = Shared<BoxFuture<'static, Arc<HashMap<u64, u64>>>>;
 
 /// A row group: its file's position in the input listing and its index in the file.
 pub type Group = (usize, usize);
@@ -41,60 +36,35 @@ pub struct IndexPlace {
     pub ttl_ms: u64,
 }
 
-/// Reads a row group's index in the background; a failed or missing read is an empty index
-/// (every row then goes the exact way).
-fn read_index(writer: Arc<PredictionWriter>, key: String) -> KnownIndex {
-    let read = tokio::spawn(async move {
-        match writer.read(std::slice::from_ref(&key)).await {
-            Ok(values) => values
-                .into_iter()
-                .next()
-                .flatten()
-                .map(|bytes| index::decode(&bytes))
-                .unwrap_or_default(),
-            Err(_) => HashMap::new(),
-        }
-    });
-    async move { Arc::new(read.await.unwrap_or_default()) }
-        .boxed()
-        .shared()
-}
-
-/// Converted batches whose reads may be in flight before the oldest is scored.
+/// Decoded batches whose reads may be in flight before the oldest is scored.
 pub const READ_AHEAD: usize = 4;
 
-/// One converted batch waiting to be scored.
-pub struct Prepared {
-    converted: Converted,
-    fingerprints: Vec<u64>,
-    id_hashes: Vec<u64>,
-    keys: Vec<String>,
-    known: Option<KnownIndex>,
-    file: String,
-    row_group: usize,
+/// The read of the stored values of rows the index did not know.
+type ValuesRead = JoinHandle<Result<Vec<Previous>, RedisError>>;
+
+/// One decoded batch waiting to be scored, with the read of its unknown rows in flight.
+struct Prepared {
+    batch: DecodedBatch,
+    /// The rows whose expectation is unknown, and the read of their values.
+    reading: Option<(Vec<usize>, ValuesRead)>,
 }
+
+/// What a finished write task did: the row group its predictions belong to (none for an
+/// index write) and how many predictions it wrote.
+type WriteDone = (Option<Group>, u64);
 
 /// The shard's scoring and writing state.
 pub struct Scoring {
-    /// The model.
-    pub model: Arc<Model>,
-    /// Where predictions go.
-    pub writer: Arc<PredictionWriter>,
+    model: Arc<Model>,
+    writer: Arc<PredictionWriter>,
     /// Bounds the pipelines in flight.
-    pub permits: Arc<Semaphore>,
-    /// Inputs per row.
-    pub features_per_row: usize,
+    permits: Arc<Semaphore>,
     /// The time every prediction of this run carries.
-    pub computed_at_ms: u64,
-    /// Whether to compare with the published values (an in-place incremental run).
-    pub incremental: bool,
+    computed_at_ms: u64,
     queue: VecDeque<Prepared>,
-    writes: JoinSet<Result<u64, BatchError>>,
+    writes: JoinSet<Result<WriteDone, BatchError>>,
     index: IndexPlace,
-    /// Index reads in flight or done, for the row group being read.
-    known: HashMap<Group, KnownIndex>,
-    /// The indexes of the row groups being decoded: (entity hash, fingerprint) pairs.
-    building: HashMap<Group, Vec<(u64, u64)>>,
+    gate: IndexGate,
     /// Predictions written so far.
     pub written: u64,
     /// Entities left as they were.
@@ -111,62 +81,42 @@ impl Scoring {
         writer: Arc<PredictionWriter>,
         writes_in_flight: usize,
         computed_at_ms: u64,
-        incremental: bool,
         index: IndexPlace,
     ) -> Self {
         Self {
-            features_per_row: model.features(),
             model,
             writer,
             permits: Arc::new(Semaphore::new(writes_in_flight.max(1))),
             computed_at_ms,
-            incremental,
             queue: VecDeque::new(),
             writes: JoinSet::new(),
             index,
-            known: HashMap::new(),
-            building: HashMap::new(),
+            gate: IndexGate::default(),
             written: 0,
             carried: 0,
             settled: 0,
         }
     }
 
-    /// Queues a decoded batch and scores the oldest queued batch once more than
-    /// [`READ_AHEAD`] wait.
+    /// Queues a decoded batch (starting the read of rows it cannot settle yet) and scores
+    /// the oldest queued batch once more than [`READ_AHEAD`] wait.
     pub async fn push(&mut self, batch: DecodedBatch) -> Result<(), BatchError> {
-        let DecodedBatch {
-            converted,
-            keys,
-            fingerprints,
-            id_hashes,
-            file,
-            file_ordinal,
-            row_group,
-            ..
-        } = batch;
-        let group = (file_ordinal, row_group);
-        self.building
-            .entry(group)
-            .or_default()
-            .extend(id_hashes.iter().copied().zip(fingerprints.iter().copied()));
-        let known = self.incremental.then(|| {
-            let key = self.index_key(&group);
+        self.carried += batch.unchanged;
+        self.settled += batch.settled;
+        if batch.ids.is_empty() {
+            return self.reap();
+        }
+        self.gate.opened(batch.group);
+        let unknown: Vec<usize> = (0..batch.expected.len())
+            .filter(|&i| batch.expected[i].is_none())
+            .collect();
+        let reading = (!unknown.is_empty()).then(|| {
+            let keys: Vec<String> = unknown.iter().map(|&i| batch.keys[i].clone()).collect();
             let writer = Arc::clone(&self.writer);
-            self.known
-                .entry(group)
-                .or_insert_with(|| read_index(writer, key))
-                .clone()
+            let read = tokio::spawn(async move { writer.read(&keys).await });
+            (unknown, read)
         });
-        self.queue.push_back(Prepared {
-            converted,
-            fingerprints,
-            id_hashes,
-            keys,
-            known,
-            file,
-            row_group,
-        });
+        self.queue.push_back(Prepared { batch, reading });
         if self.queue.len() > READ_AHEAD
             && let Some(oldest) = self.queue.pop_front()
         {
@@ -175,19 +125,19 @@ impl Scoring {
         self.reap()
     }
 
-    /// Every batch of `group` has been pushed: its index can be written.
-    pub async fn group_done(&mut self, group: Group) -> Result<(), BatchError> {
-        self.flush_index(group).await
+    /// Every batch of `group` has been pushed; `pairs` is its new index, written once the
+    /// group's predictions are.
+    pub fn group_done(&mut self, group: Group, pairs: Vec<(u64, u64)>) -> Result<(), BatchError> {
+        if let Some(ready) = self.gate.decoded(group, pairs) {
+            self.write_index(ready);
+        }
+        self.reap()
     }
 
-    /// Scores everything queued and waits for every write.
+    /// Scores everything queued and waits for every write (and the indexes they release).
     pub async fn finish(&mut self) -> Result<(), BatchError> {
         while let Some(oldest) = self.queue.pop_front() {
             self.score(oldest).await?;
-        }
-        let groups: Vec<Group> = self.building.keys().copied().collect();
-        for group in groups {
-            self.flush_index(group).await?;
         }
         while let Some(done) = self.writes.join_next().await {
             self.count(done)?;
@@ -202,34 +152,27 @@ impl Scoring {
         Ok(())
     }
 
-    /// Adds a finished write's predictions, or fails with its error.
+    /// Adds a finished write's predictions (releasing its group's index when it was the
+    /// group's last), or fails with its error.
     fn count(
         &mut self,
-        done: Result<Result<u64, BatchError>, tokio::task::JoinError>,
+        done: Result<Result<WriteDone, BatchError>, tokio::task::JoinError>,
     ) -> Result<(), BatchError> {
-        self.written +=
+        let (group, written) =
             done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+        self.written += written;
+        if let Some(ready) = group.and_then(|group| self.gate.closed(group)) {
+            self.write_index(ready);
+        }
         Ok(())
     }
 
-    /// The index key of row group `group`.
-    fn index_key(&self, (file, row_group): &Group) -> String {
-        self.index
+    /// Writes the new index of a row group whose predictions are all in Redis.
+    fn write_index(&mut self, ((file, row_group), pairs): (Group, Vec<(u64, u64)>)) {
+        let key = self
+            .index
             .keyspace
-            .fingerprint_index(&self.index.generation, *file, *row_group)
-    }
-
-    /// Writes the index of `group`, whose batches have all been pushed. In an incremental
-    /// run its old index must have been read first: the read is awaited before the write
-    /// is issued (queued batches keep their own handle on it).
-    async fn flush_index(&mut self, group: Group) -> Result<(), BatchError> {
-        let Some(pairs) = self.building.remove(&group) else {
-            return Ok(());
-        };
-        if let Some(known) = self.known.remove(&group) {
-            known.await;
-        }
-        let key = self.index_key(&group);
+            .fingerprint_index(&self.index.generation, file, row_group);
         let mut set = redis::cmd("SET");
         set.arg(&key)
             .arg(index::encode(&pairs))
@@ -244,75 +187,56 @@ impl Scoring {
                     during: "writing the fingerprint index",
                     source,
                 })?;
-            Ok(0)
+            Ok((None, 0))
         });
-        self.reap()
     }
 
     async fn score(&mut self, prepared: Prepared) -> Result<(), BatchError> {
-        let Prepared {
-            converted,
-            fingerprints,
-            id_hashes,
+        let Prepared { batch, reading } = prepared;
+        let DecodedBatch {
+            ids,
+            features,
             keys,
-            known,
+            fingerprints,
+            mut expected,
             file,
-            row_group,
-        } = prepared;
-        // In place, only rows whose features changed since they were scored are scored
-        // again; the others keep their prediction untouched. The index settles most rows:
-        // in it with the same fingerprint, unchanged; with another, changed (its old
-        // fingerprint is what the write must find). Rows it does not know are read back and
-        // compared with the fingerprint in their value.
-        let mut before: Vec<Expected> = vec![Expected::Value(None); keys.len()];
-        let changed: Vec<usize> = match known {
-            None => (0..keys.len()).collect(),
-            Some(known) => {
-                let known = known.await;
-                let mut changed = Vec::new();
-                let mut unknown = Vec::new();
-                for i in 0..keys.len() {
-                    match known.get(&id_hashes[i]) {
-                        Some(&old) if old == fingerprints[i] => self.settled += 1,
-                        Some(&old) => {
-                            self.settled += 1;
-                            before[i] = Expected::Fingerprint(old);
-                            changed.push(i);
-                        }
-                        None => unknown.push(i),
-                    }
-                }
-                if !unknown.is_empty() {
-                    let unknown_keys: Vec<String> =
-                        unknown.iter().map(|&i| keys[i].clone()).collect();
-                    let values = self.writer.read(&unknown_keys).await.map_err(|source| {
-                        BatchError::Redis {
-                            during: "reading the published predictions",
-                            source,
-                        }
-                    })?;
-                    for (&i, value) in unknown.iter().zip(values) {
-                        if value.as_deref().and_then(CachedPrediction::fingerprint)
-                            != Some(fingerprints[i])
-                        {
-                            changed.push(i);
-                        }
-                        before[i] = Expected::Value(value);
-                    }
-                }
-                changed.sort_unstable();
-                changed
+            group,
+            ..
+        } = batch;
+        // Rows the index did not know: compared with the fingerprint in their stored value.
+        let mut unchanged = vec![false; ids.len()];
+        if let Some((unknown, read)) = reading {
+            let values = read
+                .await
+                .map_err(|e| ModelError::Run(format!("a read task failed: {e}")))?
+                .map_err(|source| BatchError::Redis {
+                    during: "reading the published predictions",
+                    source,
+                })?;
+            for (i, value) in unknown.into_iter().zip(values) {
+                unchanged[i] = value.as_deref().and_then(CachedPrediction::fingerprint)
+                    == Some(fingerprints[i]);
+                expected[i] = Some(Expected::Value(value));
             }
-        };
-        self.carried += (keys.len() - changed.len()) as u64;
+        }
+        let changed: Vec<usize> = (0..ids.len()).filter(|&i| !unchanged[i]).collect();
+        self.carried += (ids.len() - changed.len()) as u64;
         if changed.is_empty() {
+            if let Some(ready) = self.gate.closed(group) {
+                self.write_index(ready);
+            }
             return Ok(());
         }
-        let width = self.features_per_row;
-        let mut features = Vec::with_capacity(changed.len() * width);
-        for &i in &changed {
-            features.extend_from_slice(&converted.rows[i * width..(i + 1) * width]);
-        }
+        let width = self.model.features();
+        let features = if changed.len() == ids.len() {
+            features
+        } else {
+            changed
+                .iter()
+                .flat_map(|&i| &features[i * width..(i + 1) * width])
+                .copied()
+                .collect()
+        };
         let scoring = Arc::clone(&self.model);
         let predictions = tokio::task::spawn_blocking(move || scoring.predict(&features))
             .await
@@ -338,8 +262,11 @@ impl Scoring {
                 (keys[i].clone(), encoded.to_vec())
             })
             .collect();
-        let expected: Vec<Expected> = changed.iter().map(|&i| before[i].clone()).collect();
-        let ids: Vec<String> = changed.iter().map(|&i| converted.ids[i].clone()).collect();
+        let expected: Vec<Expected> = changed
+            .iter()
+            .map(|&i| expected[i].take().unwrap_or(Expected::Value(None)))
+            .collect();
+        let ids: Vec<String> = changed.iter().map(|&i| ids[i].clone()).collect();
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
@@ -361,11 +288,11 @@ impl Scoring {
                     return Err(BatchError::Duplicate {
                         id: id.clone(),
                         file,
-                        row_group,
+                        row_group: group.1,
                     });
                 }
             }
-            Ok(entries.len() as u64)
+            Ok((Some(group), entries.len() as u64))
         });
         Ok(())
     }
