@@ -272,14 +272,18 @@ impl Scoring {
             .await
             .map_err(|_| ModelError::Run("writer closed".into()))?;
         let writer = Arc::clone(&self.writer);
+        // Keys expected absent (a full run's) need no old value back unless one is there.
+        let all_new = expected.iter().all(|e| *e == Expected::Value(None));
         self.writes.spawn(async move {
-            let previous = writer
-                .write(&entries)
-                .await
-                .map_err(|source| BatchError::Redis {
-                    during: "writing predictions",
-                    source,
-                })?;
+            let written = if all_new {
+                writer.write_new(&entries).await
+            } else {
+                writer.write(&entries).await
+            };
+            let previous = written.map_err(|source| BatchError::Redis {
+                during: "writing predictions",
+                source,
+            })?;
             drop(permit);
             for (((id, (_, value)), was), expected) in
                 ids.iter().zip(&entries).zip(previous).zip(expected)

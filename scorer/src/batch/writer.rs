@@ -6,6 +6,10 @@
 //! same prediction) and carries on, while a different prediction already under the same key
 //! of this generation means the input holds the entity twice with different features, which
 //! the caller turns into an error rather than let one of them win silently.
+//!
+//! Keys expected to be new (every key of a full run) are written with `SET … NX` instead
+//! ([`PredictionWriter::write_new`]): Redis does about a tenth less work than for `GET`, and
+//! only the rare key that already held a value is read back for the same comparison.
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -52,6 +56,15 @@ struct Topology {
 /// What a key held before this write (`None` when it was absent).
 pub type Previous = Option<Vec<u8>>;
 
+/// How a `SET` treats a key that already holds a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetMode {
+    /// Replace it and return it (`GET`).
+    ReturnPrevious,
+    /// Leave it (`NX`).
+    OnlyIfAbsent,
+}
+
 impl PredictionWriter {
     /// Connects to `url` (any node of the cluster when `cluster`).
     pub async fn connect(url: &str, cluster: bool, ttl_ms: u64) -> Result<Self, RedisError> {
@@ -69,9 +82,53 @@ impl PredictionWriter {
 
     /// Writes `entries` (key, encoded value) and returns each key's previous value, in order.
     pub async fn write(&self, entries: &[(String, Vec<u8>)]) -> Result<Vec<Previous>, RedisError> {
+        self.set(entries, SetMode::ReturnPrevious).await
+    }
+
+    /// Writes `entries` whose keys are expected to be absent, leaving any key that already
+    /// holds a value as it is; returns, in order, `None` for each key written and the value
+    /// found for each key that was not (the caller compares it as for [`Self::write`]).
+    pub async fn write_new(
+        &self,
+        entries: &[(String, Vec<u8>)],
+    ) -> Result<Vec<Previous>, RedisError> {
+        let replies: Vec<Option<Value>> = self.set(entries, SetMode::OnlyIfAbsent).await?;
+        let taken: Vec<usize> = (0..entries.len())
+            .filter(|&i| replies[i].is_none())
+            .collect();
+        let mut out: Vec<Previous> = vec![None; entries.len()];
+        if taken.is_empty() {
+            return Ok(out);
+        }
+        let keys: Vec<String> = taken.iter().map(|&i| entries[i].0.clone()).collect();
+        let mut vanished = Vec::new();
+        for (&i, value) in taken.iter().zip(self.read(&keys).await?) {
+            match value {
+                Some(value) => out[i] = Some(value),
+                // Expired between the two commands: write it after all.
+                None => vanished.push(i),
+            }
+        }
+        if !vanished.is_empty() {
+            let retry: Vec<(String, Vec<u8>)> =
+                vanished.iter().map(|&i| entries[i].clone()).collect();
+            for (&i, previous) in vanished.iter().zip(self.write(&retry).await?) {
+                out[i] = previous;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One `SET` per entry in `mode`; each reply in order (`GET`: the previous value; `NX`:
+    /// `OK` when written, nothing when the key was taken).
+    async fn set<V: redis::FromRedisValue + Clone + Send>(
+        &self,
+        entries: &[(String, Vec<u8>)],
+        mode: SetMode,
+    ) -> Result<Vec<Option<V>>, RedisError> {
         match &self.target {
             Target::Single(connection) => {
-                let pipe = self.pipeline(entries.iter());
+                let pipe = self.pipeline(entries.iter(), mode);
                 pipe.query_async(&mut connection.clone()).await
             }
             Target::Cluster { seed, topology } => {
@@ -81,7 +138,7 @@ impl PredictionWriter {
                         .read()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .clone();
-                    match self.write_cluster(&current, entries).await {
+                    match self.set_cluster(&current, entries, mode).await {
                         Ok(previous) => return Ok(previous),
                         // The slots moved (resharding, failover): learn the new owners and
                         // write the whole batch again; SET is idempotent.
@@ -146,7 +203,12 @@ impl PredictionWriter {
     fn pipeline<'a>(
         &self,
         entries: impl Iterator<Item = &'a (String, Vec<u8>)>,
+        mode: SetMode,
     ) -> redis::Pipeline {
+        let option = match mode {
+            SetMode::ReturnPrevious => "GET",
+            SetMode::OnlyIfAbsent => "NX",
+        };
         let mut pipe = redis::pipe();
         for (key, value) in entries {
             pipe.cmd("SET")
@@ -154,16 +216,17 @@ impl PredictionWriter {
                 .arg(value.as_slice())
                 .arg("PX")
                 .arg(self.ttl_ms)
-                .arg("GET");
+                .arg(option);
         }
         pipe
     }
 
-    async fn write_cluster(
+    async fn set_cluster<V: redis::FromRedisValue + Clone + Send>(
         &self,
         topology: &Topology,
         entries: &[(String, Vec<u8>)],
-    ) -> Result<Vec<Previous>, RedisError> {
+        mode: SetMode,
+    ) -> Result<Vec<Option<V>>, RedisError> {
         let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); topology.nodes.len()];
         for (i, (key, _)) in entries.iter().enumerate() {
             let node = topology.owner[usize::from(cluster_slot(key.as_bytes()))];
@@ -174,10 +237,10 @@ impl PredictionWriter {
             .enumerate()
             .filter(|(_, indexes)| !indexes.is_empty())
             .map(|(node, indexes)| {
-                let pipe = self.pipeline(indexes.iter().map(|&i| &entries[i]));
+                let pipe = self.pipeline(indexes.iter().map(|&i| &entries[i]), mode);
                 let mut connection = topology.nodes[node].clone();
                 async move {
-                    let previous: Vec<Previous> = pipe.query_async(&mut connection).await?;
+                    let previous: Vec<Option<V>> = pipe.query_async(&mut connection).await?;
                     Ok::<_, RedisError>((indexes, previous))
                 }
             });
