@@ -5,9 +5,12 @@
 #     wrk (the benchmark's load generator), lua5.1 (the Argo CD health check's tests),
 #     umoci and jq (OCI images without Docker)
 #   - .venv: the PyPI onnxruntime wheel (its libonnxruntime.so backs the `ort` crate), the
-#     onnx/numpy packages that make test models, moto (S3 for tests) and the benchmark
+#     onnx/numpy packages that make test models, moto (S3 for tests), the Azure SDK (to
+#     seed Azurite) and the benchmark
 #     baseline's own dependencies (pandas, pyarrow, FastAPI, uvicorn, redis-py)
-#   - the local control plane's binaries, built from pinned Go modules (e2e/scripts/build-tools.sh)
+#   - the local control plane's binaries, built from pinned Go modules, and the object-store
+#     emulators behind the gs:// and az:// tests (fake-gcs-server from Go, Azurite from npm)
+#     (e2e/scripts/build-tools.sh)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,6 +22,7 @@ need_cmd() {
 need_cmd go "the local control plane is built from Go modules"
 need_cmd cargo "Millrace is a Rust workspace"
 need_cmd python3 "ONNX Runtime comes from the PyPI wheel in a virtualenv"
+need_cmd npm "the az:// tests run Azurite, the Azure Storage emulator, from npm"
 
 # --- Debian packages --------------------------------------------------------------------
 apt_missing=()

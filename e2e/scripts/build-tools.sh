@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm, controller-gen) from the pinned Go modules under
-# e2e/go/, and caches
+# kube-scheduler, kubectl, kwok, helm, controller-gen) and the GCS emulator (fake-gcs-server)
+# from the pinned Go modules under e2e/go/, installs the Azure Storage emulator (Azurite)
+# from npm, and caches
 # them by version outside the work tree so a second run costs nothing.
 #
 # Each tool family is its own Go module so that their dependency versions never pull on each
@@ -75,9 +76,18 @@ if [ ! -s "$MONITORING_DIR/crds/monitoring.coreos.com_servicemonitors.yaml" ]; t
   rm -rf "$MONITORING_DIR/crds" && mv "$MONITORING_DIR/crds.tmp" "$MONITORING_DIR/crds"
 fi
 
+# The object-store emulators behind the gs:// and az:// tests.
+build "$here/go/gcs" "$FAKE_GCS_BIN" "" github.com/fsouza/fake-gcs-server
+if [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ]; then
+  log "installing Azurite $AZURITE_VERSION from npm into $AZURITE_DIR"
+  mkdir -p "$AZURITE_DIR"
+  npm install --prefix "$AZURITE_DIR" --no-audit --no-fund --silent "azurite@$AZURITE_VERSION" >&2
+fi
+
 # One directory of symlinks so PATH needs a single entry.
 mkdir -p "$TOOLS_BIN"
-for f in "$KUBERNETES_BIN"/* "$ETCD_BIN"/* "$KWOK_BIN"/* "$HELM_BIN"/*; do
+for f in "$KUBERNETES_BIN"/* "$ETCD_BIN"/* "$KWOK_BIN"/* "$HELM_BIN"/* "$FAKE_GCS_BIN"/* \
+  "$AZURITE_DIR/node_modules/.bin/azurite-blob"; do
   ln -sfn "$f" "$TOOLS_BIN/$(basename "$f")"
 done
 echo "$TOOLS_BIN"

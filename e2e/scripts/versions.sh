@@ -19,4 +19,9 @@ HELM_BIN=$MILLRACE_CACHE/tools/helm-$HELM_VERSION-$(_sum helm)-k8s
 # controller-gen and, under crds/, the ServiceMonitor and PrometheusRule CRDs it generates
 # from the Prometheus Operator API types pinned in e2e/go/monitoring.
 MONITORING_DIR=$MILLRACE_CACHE/tools/monitoring-$(_sum monitoring)
+# Object-store emulators for the gs:// and az:// tests: fake-gcs-server (Go, e2e/go/gcs) and
+# Azurite (npm, Microsoft's Azure Storage emulator).
+FAKE_GCS_BIN=$MILLRACE_CACHE/tools/fake-gcs-server-$(_sum gcs)
+AZURITE_VERSION=3.37.0
+AZURITE_DIR=$MILLRACE_CACHE/tools/azurite-$AZURITE_VERSION
 TOOLS_BIN=$MILLRACE_CACHE/bin

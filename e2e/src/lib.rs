@@ -4,6 +4,8 @@
 //! ([`wait_for`]) instead of sleeping, so tests run in parallel and fail with a message that
 //! says what never happened.
 
+pub mod azure;
+pub mod gcs;
 pub mod kubelet;
 pub mod metric_names;
 pub mod net;

@@ -48,6 +48,19 @@ pub async fn http(
     parse_response(&String::from_utf8_lossy(&response))
 }
 
+/// Waits until something accepts connections on loopback `port`; panics naming `what` after
+/// `timeout`.
+pub fn wait_for_port(port: u16, what: &str, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not start listening on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

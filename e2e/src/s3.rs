@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::net::free_port;
+use crate::net::{free_port, wait_for_port};
 
 /// The workspace root (where `.venv` lives).
 pub fn workspace_root() -> PathBuf {
@@ -31,12 +31,9 @@ impl S3Server {
             .unwrap_or_else(|e| {
                 panic!("{} (installed by scripts/setup.sh): {e}", binary.display())
             });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { child, port }
+        let server = Self { child, port };
+        wait_for_port(port, "moto_server", Duration::from_secs(30));
+        server
     }
 
     /// Its URL, `http://127.0.0.1:PORT`.

@@ -1,7 +1,8 @@
 //! `millrace-scorer batch` as real processes on real Parquet files (written here with the
-//! `parquet` crate), a real ONNX model, a real `redis-server`, a real 3-master Redis Cluster
-//! and a real S3-compatible server (moto): shards cover every row exactly once, predictions
-//! equal the model's, a killed shard records nothing and a rerun completes, bad input fails
+//! `parquet` crate), a real ONNX model, a real `redis-server`, a real 3-master Redis
+//! Cluster, a real S3-compatible server (moto) and GCS and Azure Blob emulators
+//! (fake-gcs-server, Azurite): shards cover every row exactly once, predictions equal the
+//! model's, a killed shard records nothing and a rerun completes, bad input fails
 //! with the file, column and row group named, an incremental run rescores exactly the
 //! changed rows, and a failed one never leaves a fingerprint index ahead of its predictions.
 
@@ -17,6 +18,8 @@ use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray
 use millrace_crds::config::{BatchConfig, ScorerConfig};
 use millrace_crds::keys::{CachedPrediction, Keyspace};
 use millrace_crds::spec::{ExecutionProvider, MissingFeaturePolicy, OfflineFeatures};
+use millrace_e2e::azure::AzuriteServer;
+use millrace_e2e::gcs::GcsServer;
 use millrace_e2e::redis_server::{RedisCluster, RedisServer};
 use millrace_scorer::model::Model;
 use parquet::arrow::ArrowWriter;
@@ -408,6 +411,48 @@ async fn parquet_on_s3_is_read_with_credentials_from_the_environment() {
     let all = read_all(&mut conn, "g-s3", n).await;
     for (i, p) in all.iter().enumerate() {
         assert!((p.expect("present").value - setup.expected(i)).abs() < 1e-6);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_on_gcs_and_azure_is_read_with_credentials_from_the_environment() {
+    let setup = Setup::new();
+    let n = 500;
+    let ids: Vec<usize> = (0..n).collect();
+    write_parquet(&setup.lake().join("a.parquet"), &ids[..300], 100);
+    write_parquet(&setup.lake().join("b.parquet"), &ids[300..], 100);
+    let gcs = GcsServer::start();
+    gcs.create_bucket("lake");
+    let azure = AzuriteServer::start();
+    azure.create_container("lake");
+    for name in ["a.parquet", "b.parquet"] {
+        let path = setup.lake().join(name);
+        gcs.put_file("lake", &format!("users/{name}"), &path);
+        azure.put_file("lake", &format!("users/{name}"), &path);
+    }
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    for (uri, env, generation) in [
+        ("gs://lake/users/", gcs.credentials(), "g-gcs"),
+        ("az://lake/users/", azure.credentials(), "g-azure"),
+    ] {
+        let cfg = config_file(setup.dir.path(), &setup.config(uri, 128, 2));
+        for shard in 0..2 {
+            let out = batch_command(&cfg, &server.url(), generation, 2, shard)
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .output()
+                .expect("run");
+            assert!(
+                out.status.success(),
+                "{uri} shard {shard}: {}",
+                stderr(&out)
+            );
+        }
+        let all = read_all(&mut conn, generation, n).await;
+        for (i, p) in all.iter().enumerate() {
+            let p = p.unwrap_or_else(|| panic!("{uri}: e{i} has no prediction"));
+            assert!((p.value - setup.expected(i)).abs() < 1e-6, "{uri}: e{i}");
+        }
     }
 }
 

@@ -1,12 +1,15 @@
-//! `millrace-scorer fetch-model` as the init container runs it: from a real HTTP server and
-//! a real S3-compatible server (moto, from the project venv), checksum enforced, nothing
-//! left at the destination when anything fails.
+//! `millrace-scorer fetch-model` as the init container runs it: from a real HTTP server, a
+//! real S3-compatible server (moto, from the project venv), a GCS emulator (fake-gcs-server)
+//! and an Azure Blob emulator (Azurite), checksum enforced, nothing left at the destination
+//! when anything fails.
 
 mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
+use millrace_e2e::azure::AzuriteServer;
+use millrace_e2e::gcs::GcsServer;
 use support::{Moto, s3_bucket};
 
 use sha2::{Digest, Sha256};
@@ -172,4 +175,42 @@ async fn an_s3_model_is_downloaded_with_credentials_from_the_environment() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(std::fs::read(&dest).expect("written"), MODEL);
+}
+
+#[test]
+fn gcs_and_azure_models_are_downloaded_with_credentials_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let source = dir.path().join("upload.onnx");
+    std::fs::write(&source, MODEL).expect("write");
+    let gcs = GcsServer::start();
+    gcs.create_bucket("models");
+    gcs.put_file("models", "churn/3/model.onnx", &source);
+    let azure = AzuriteServer::start();
+    azure.create_container("models");
+    azure.put_file("models", "churn/3/model.onnx", &source);
+
+    for (uri, env) in [
+        ("gs://models/churn/3/model.onnx", gcs.credentials()),
+        ("az://models/churn/3/model.onnx", azure.credentials()),
+    ] {
+        let dest = dir.path().join(format!("{}.onnx", &uri[..2]));
+        let out = fetch(uri, &dest, Some(&sha(MODEL)), &env);
+        assert!(
+            out.status.success(),
+            "{uri}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&dest).expect("written"), MODEL, "{uri}");
+
+        let missing = uri.replace("model.onnx", "absent.onnx");
+        let dest = dir.path().join("absent.onnx");
+        let out = fetch(&missing, &dest, None, &env);
+        assert!(!out.status.success(), "{missing} does not exist");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&missing),
+            "{missing}: the error names the URI: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!dest.exists(), "nothing left at the destination");
+    }
 }

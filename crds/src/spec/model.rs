@@ -9,9 +9,12 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Where the .onnx file is. `file:///path` is a path inside the pod (see `volume`);
-    /// `https://` and `s3://bucket/key` are fetched by an init container before the scorer
-    /// starts.
-    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^(file|https|s3)://.+"))]
+    /// `https://`, `s3://bucket/key`, `gs://bucket/key` and `az://container/path` are
+    /// fetched by an init container before the scorer starts.
+    #[schemars(
+        length(min = 8, max = 2048),
+        regex(pattern = r"^(file|https|s3|gs|az)://.+")
+    )]
     pub uri: String,
 
     /// The model version. It is part of every cache key, so predictions of one version are
