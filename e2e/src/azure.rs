@@ -5,10 +5,10 @@
 //! through object_store's Azure client in emulator mode.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::net::{free_port, wait_for_port};
+use crate::net::{LoopbackServer, free_port};
 use crate::s3::workspace_root;
 
 /// Azurite's well-known development account (public, the same in every emulator).
@@ -18,34 +18,31 @@ const ACCOUNT_KEY: &str =
 
 /// A running Azurite blob service.
 pub struct AzuriteServer {
-    child: Child,
-    port: u16,
+    server: LoopbackServer,
 }
 
 impl AzuriteServer {
     /// Starts the blob service and waits until it accepts connections.
     pub fn start() -> Self {
         let port = free_port();
-        let child = Command::new("azurite-blob")
+        let mut command = Command::new("azurite-blob");
+        command
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
             .args(["--inMemoryPersistence", "--extentMemoryLimit", "256"])
-            .args(["--skipApiVersionCheck", "--silent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "azurite-blob (installed by scripts/setup.sh, on PATH via scripts/env.sh): {e}"
-                )
-            });
-        let server = Self { child, port };
-        wait_for_port(port, "azurite-blob", Duration::from_secs(60));
-        server
+            .args(["--skipApiVersionCheck", "--silent"]);
+        let server = LoopbackServer::spawn(
+            command,
+            port,
+            "azurite-blob",
+            "installed by scripts/setup.sh, on PATH via scripts/env.sh",
+            Duration::from_secs(60),
+        );
+        Self { server }
     }
 
     /// Its URL, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.endpoint()
     }
 
     /// Creates `container`.
@@ -88,12 +85,5 @@ impl AzuriteServer {
             ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
             ("AZURITE_BLOB_STORAGE_URL", self.endpoint()),
         ]
-    }
-}
-
-impl Drop for AzuriteServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -4,22 +4,22 @@
 //! with a service account that names the emulator's URL and turns OAuth off.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::net::{free_port, wait_for_port};
+use crate::net::{LoopbackServer, free_port};
 
 /// A running fake-gcs-server.
 pub struct GcsServer {
-    child: Child,
-    port: u16,
+    server: LoopbackServer,
 }
 
 impl GcsServer {
     /// Starts the emulator and waits until it accepts connections.
     pub fn start() -> Self {
         let port = free_port();
-        let child = Command::new("fake-gcs-server")
+        let mut command = Command::new("fake-gcs-server");
+        command
             .args([
                 "-scheme",
                 "http",
@@ -30,23 +30,20 @@ impl GcsServer {
             ])
             .args(["-port", &port.to_string()])
             .args(["-public-host", &format!("127.0.0.1:{port}")])
-            .args(["-log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "fake-gcs-server (built by scripts/setup.sh, on PATH via scripts/env.sh): {e}"
-                )
-            });
-        let server = Self { child, port };
-        wait_for_port(port, "fake-gcs-server", Duration::from_secs(30));
-        server
+            .args(["-log-level", "error"]);
+        let server = LoopbackServer::spawn(
+            command,
+            port,
+            "fake-gcs-server",
+            "built by scripts/setup.sh, on PATH via scripts/env.sh",
+            Duration::from_secs(30),
+        );
+        Self { server }
     }
 
     /// Its URL, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.endpoint()
     }
 
     /// Creates `bucket` (the JSON API, as `gcloud storage buckets create` does).
@@ -92,11 +89,4 @@ fn curl(args: &[&str]) {
         .status()
         .expect("curl");
     assert!(status.success(), "curl {args:?}");
-}
-
-impl Drop for GcsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

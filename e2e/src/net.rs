@@ -48,16 +48,49 @@ pub async fn http(
     parse_response(&String::from_utf8_lossy(&response))
 }
 
-/// Waits until something accepts connections on loopback `port`; panics naming `what` after
-/// `timeout`.
-pub fn wait_for_port(port: u16, what: &str, timeout: std::time::Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} did not start listening on port {port}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
+/// A server process of the tests on a loopback port, killed when dropped.
+pub struct LoopbackServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl LoopbackServer {
+    /// Spawns `command` (already told to listen on `port`, its output discarded) and waits
+    /// until it accepts connections; panics naming `what` and `hint` when it cannot start.
+    pub fn spawn(
+        mut command: std::process::Command,
+        port: u16,
+        what: &str,
+        hint: &str,
+        timeout: std::time::Duration,
+    ) -> Self {
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what} ({hint}): {e}"));
+        let server = Self { child, port };
+        let deadline = std::time::Instant::now() + timeout;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not start listening on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// Its URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LoopbackServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -2,10 +2,10 @@
 //! virtualenv (installed by scripts/setup.sh), on a free loopback port, killed when dropped.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::net::{free_port, wait_for_port};
+use crate::net::{LoopbackServer, free_port};
 
 /// The workspace root (where `.venv` lives).
 pub fn workspace_root() -> PathBuf {
@@ -14,8 +14,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// A running moto S3 server.
 pub struct S3Server {
-    child: Child,
-    port: u16,
+    server: LoopbackServer,
 }
 
 impl S3Server {
@@ -23,22 +22,21 @@ impl S3Server {
     pub fn start() -> Self {
         let port = free_port();
         let binary = workspace_root().join(".venv/bin/moto_server");
-        let child = Command::new(&binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("{} (installed by scripts/setup.sh): {e}", binary.display())
-            });
-        let server = Self { child, port };
-        wait_for_port(port, "moto_server", Duration::from_secs(30));
-        server
+        let mut command = Command::new(&binary);
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let server = LoopbackServer::spawn(
+            command,
+            port,
+            &binary.display().to_string(),
+            "installed by scripts/setup.sh",
+            Duration::from_secs(30),
+        );
+        Self { server }
     }
 
     /// Its URL, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.endpoint()
     }
 
     /// Creates `bucket`.
@@ -82,12 +80,5 @@ impl S3Server {
             ("AWS_ENDPOINT", self.endpoint()),
             ("AWS_ALLOW_HTTP", "true".into()),
         ]
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -94,29 +94,29 @@ pub(crate) fn store_for(uri: &str) -> Result<(Arc<dyn ObjectStore>, ObjectPath),
         source,
     };
     match url.scheme() {
-        "s3" => {
-            let s3 = AmazonS3Builder::from_env()
-                .with_url(uri)
-                .build()
-                .map_err(store)?;
+        scheme @ ("s3" | "gs" | "az") => {
+            let cloud: Arc<dyn ObjectStore> = match scheme {
+                "s3" => Arc::new(
+                    AmazonS3Builder::from_env()
+                        .with_url(uri)
+                        .build()
+                        .map_err(store)?,
+                ),
+                "gs" => Arc::new(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_url(uri)
+                        .build()
+                        .map_err(store)?,
+                ),
+                _ => Arc::new(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_url(uri)
+                        .build()
+                        .map_err(store)?,
+                ),
+            };
             let key = url.path().trim_start_matches('/');
-            Ok((Arc::new(s3), ObjectPath::from(key)))
-        }
-        "gs" => {
-            let gcs = GoogleCloudStorageBuilder::from_env()
-                .with_url(uri)
-                .build()
-                .map_err(store)?;
-            let key = url.path().trim_start_matches('/');
-            Ok((Arc::new(gcs), ObjectPath::from(key)))
-        }
-        "az" => {
-            let azure = MicrosoftAzureBuilder::from_env()
-                .with_url(uri)
-                .build()
-                .map_err(store)?;
-            let key = url.path().trim_start_matches('/');
-            Ok((Arc::new(azure), ObjectPath::from(key)))
+            Ok((cloud, ObjectPath::from(key)))
         }
         "https" | "http" => {
             let base = format!("{}://{}", url.scheme(), url.authority());

@@ -655,34 +655,67 @@ async fn raw_values(
     pipe.query_async(conn).await.expect("get")
 }
 
+/// Whether day 2 changed entity `i`'s features (every tenth entity).
+fn changed(i: usize) -> bool {
+    i % 10 == 3
+}
+
+/// The entity whose features `i` has on day 2.
+fn day2_source(i: usize) -> usize {
+    if changed(i) { i + 50_000 } else { i }
+}
+
+/// Writes lake/day1 (entities `0..day1`) and lake/day2 (`day2`, features of
+/// [`day2_source`]), in row groups of `row_group` rows.
+fn write_two_days(setup: &Setup, day1: usize, day2: &[usize], row_group: usize) {
+    for day in ["day1", "day2"] {
+        std::fs::create_dir_all(setup.lake().join(day)).expect("dir");
+    }
+    let day1: Vec<usize> = (0..day1).collect();
+    write_parquet(&setup.lake().join("day1/p.parquet"), &day1, row_group);
+    write_parquet_with(
+        &setup.lake().join("day2/p.parquet"),
+        day2,
+        row_group,
+        day2_source,
+    );
+}
+
+/// The full run of lake/day1 as generation `g-full`, published (what the operator does once
+/// every shard is done).
+async fn publish_day1(
+    setup: &Setup,
+    server: &RedisServer,
+    conn: &mut redis::aio::MultiplexedConnection,
+    batch_size: i32,
+) {
+    let cfg = config_file(
+        setup.dir.path(),
+        &setup.config(
+            &format!("file://{}/day1/", setup.lake().display()),
+            batch_size,
+            1,
+        ),
+    );
+    let out = run_batch(&cfg, &server.url(), "g-full", 1, 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ks = Keyspace::new("ml/churn", "3");
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-full")
+        .await
+        .expect("publish");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     let setup = Setup::new();
     let server = RedisServer::start();
     let mut conn = connection(&server.url()).await;
     let ks = Keyspace::new("ml/churn", "3");
-    std::fs::create_dir_all(setup.lake().join("day1")).expect("dir");
-    std::fs::create_dir_all(setup.lake().join("day2")).expect("dir");
-    let day1: Vec<usize> = (0..1_000).collect();
-    write_parquet(&setup.lake().join("day1/p.parquet"), &day1, 100);
     // Day 2: every tenth entity's features changed, and five entities are new.
     let day2: Vec<usize> = (0..1_005).collect();
-    let changed = |i: usize| i % 10 == 3;
-    write_parquet_with(&setup.lake().join("day2/p.parquet"), &day2, 100, |i| {
-        if changed(i) { i + 50_000 } else { i }
-    });
-
-    // The full run of day 1, published (what the operator does once every shard is done).
-    let cfg = config_file(
-        setup.dir.path(),
-        &setup.config(&format!("file://{}/day1/", setup.lake().display()), 128, 1),
-    );
-    let out = run_batch(&cfg, &server.url(), "g-full", 1, 0);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let _: () = conn
-        .set(ks.serving_pointer(), "g-full")
-        .await
-        .expect("publish");
+    write_two_days(&setup, 1_000, &day2, 100);
+    publish_day1(&setup, &server, &mut conn, 128).await;
     let before = raw_values(&mut conn, "g-full", &day2).await;
 
     // The incremental run of day 2, in two shards.
@@ -715,7 +748,7 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
         if changed(i) || i >= 1_000 {
             let p =
                 CachedPrediction::decode(after[i].as_deref().expect("written")).expect("decodes");
-            let source = if changed(i) { i + 50_000 } else { i };
+            let source = day2_source(i);
             assert!(
                 (p.value - setup.expected(source)).abs() < 1e-6,
                 "e{i} rescored on its new features"
@@ -771,24 +804,9 @@ async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
     let server = RedisServer::start();
     let mut conn = connection(&server.url()).await;
     let ks = Keyspace::new("ml/churn", "3");
-    std::fs::create_dir_all(setup.lake().join("day1")).expect("dir");
-    std::fs::create_dir_all(setup.lake().join("day2")).expect("dir");
     let ids: Vec<usize> = (0..300).collect();
-    write_parquet(&setup.lake().join("day1/p.parquet"), &ids, 300);
-    let changed = |i: usize| i % 10 == 3;
-    write_parquet_with(&setup.lake().join("day2/p.parquet"), &ids, 300, |i| {
-        if changed(i) { i + 50_000 } else { i }
-    });
-    let cfg = config_file(
-        setup.dir.path(),
-        &setup.config(&format!("file://{}/day1/", setup.lake().display()), 64, 1),
-    );
-    let out = run_batch(&cfg, &server.url(), "g-full", 1, 0);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let _: () = conn
-        .set(ks.serving_pointer(), "g-full")
-        .await
-        .expect("publish");
+    write_two_days(&setup, ids.len(), &ids, 300);
+    publish_day1(&setup, &server, &mut conn, 64).await;
     let index_key = ks.fingerprint_index("g-full", 0, 0);
     let index_before: Vec<u8> = conn.get(&index_key).await.expect("index");
 
@@ -823,7 +841,7 @@ async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
     assert_eq!((computed, carried, settled), (30, 270, 300));
     let after = read_all(&mut conn, "g-full", ids.len()).await;
     for &i in &ids {
-        let source = if changed(i) { i + 50_000 } else { i };
+        let source = day2_source(i);
         let p = after[i]
             .as_ref()
             .unwrap_or_else(|| panic!("e{i} has no prediction"));
