@@ -281,6 +281,13 @@ impl BatchKeys {
         key.push('}');
         key
     }
+
+    /// The entity id a batch key names (ids and key prefixes never hold braces), so a
+    /// caller holding keys need not keep the ids beside them.
+    pub fn id_of(key: &str) -> Option<&str> {
+        let open = key.rfind('{')?;
+        key.get(open + 1..)?.strip_suffix('}')
+    }
 }
 
 /// Where every row's fingerprint starts.
@@ -382,6 +389,8 @@ mod tests {
             ks.batch_keys("20261130-020000").key("user_42"),
             ks.batch("20261130-020000", "user_42")
         );
+        assert_eq!(BatchKeys::id_of(&ks.batch("G", "user_42")), Some("user_42"));
+        assert_eq!(BatchKeys::id_of("no-braces"), None);
         assert_eq!(ks.realtime("user_42"), "mr:ml/churn:3:rt:{user_42}");
         assert_eq!(ks.serving_pointer(), "mr:ml/churn:3:serving");
         assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");

@@ -2,8 +2,8 @@
 //! every way the data can be wrong named: file, column, row group and row.
 //!
 //! [`scan`] reads every row column by column (ids checked and hashed, features
-//! fingerprinted); [`Scanned::gather`] then builds text ids and row-major features for the
-//! rows to score only, so an incremental run pays for the changed rows alone.
+//! fingerprinted); [`Scanned::gather`] then builds row-major features for the rows to score
+//! only, so an incremental run pays for the changed rows alone.
 //!
 //! - The id column may be a string or an integer column (integers become their decimal
 //!   text); each id must be a valid entity id. A null id is an error.
@@ -77,9 +77,9 @@ pub struct Converted {
 }
 
 /// A record batch read column by column: every id checked and hashed, every row's
-/// fingerprint, and which rows miss a feature; ids as text and features row by row are only
-/// built ([`Scanned::gather`]) for the rows that will be scored, which in an incremental
-/// run is the few that changed.
+/// fingerprint, and which rows miss a feature; features row by row are only built
+/// ([`Scanned::gather`]) for the rows that will be scored, which in an incremental run is
+/// the few that changed.
 #[derive(Debug)]
 pub struct Scanned {
     ids: arrow_array::ArrayRef,
@@ -119,8 +119,8 @@ impl Scanned {
         self.ids.as_string::<i32>().value(i)
     }
 
-    /// The ids and row-major features of `rows`, as the model takes them.
-    pub fn gather(&self, rows: &[usize]) -> (Vec<String>, Vec<f32>) {
+    /// The row-major features of `rows`, as the model takes them.
+    pub fn gather(&self, rows: &[usize]) -> Vec<f32> {
         let columns: Vec<&arrow_array::PrimitiveArray<Float32Type>> = self
             .features
             .iter()
@@ -128,9 +128,7 @@ impl Scanned {
             .collect();
         let values: Vec<&[f32]> = columns.iter().map(|c| c.values().as_ref()).collect();
         let mut features = Vec::with_capacity(rows.len() * values.len());
-        let mut ids = Vec::with_capacity(rows.len());
         for &i in rows {
-            ids.push(self.id(i).to_string());
             if self.missing.get(i) == Some(&true) {
                 features.extend(columns.iter().map(|c| {
                     Some(c.value(i))
@@ -141,7 +139,7 @@ impl Scanned {
                 features.extend(values.iter().map(|v| v[i]));
             }
         }
-        (ids, features)
+        features
     }
 }
 
@@ -284,10 +282,9 @@ pub fn convert(
     let rows: Vec<usize> = (0..scanned.len())
         .filter(|&i| scanned.is_scored(i))
         .collect();
-    let (ids, rows) = scanned.gather(&rows);
     Ok(Converted {
-        ids,
-        rows,
+        ids: rows.iter().map(|&i| scanned.id(i).to_string()).collect(),
+        rows: scanned.gather(&rows),
         filled: scanned.filled,
         skipped: scanned.skipped,
     })
@@ -366,8 +363,8 @@ mod tests {
             Arc::new(Float64Array::from(vec![2.0, 3.0, 4.0])),
         );
         let scanned = scan(&b, "entity_id", &inputs(), &fill(), &at()).expect("scan");
-        let (ids, rows) = scanned.gather(&[2, 0, 1]);
-        assert_eq!(ids, vec!["u3", "u1", "u2"]);
+        let rows = scanned.gather(&[2, 0, 1]);
+        assert_eq!([2, 0, 1].map(|i| scanned.id(i)), ["u3", "u1", "u2"]);
         assert_eq!(rows, vec![-1.0, 4.0, 1.0, 2.0, -1.0, 3.0]);
         for (k, &i) in [2, 0, 1].iter().enumerate() {
             assert_eq!(

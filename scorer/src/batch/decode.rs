@@ -25,11 +25,9 @@ use super::writer::PredictionWriter;
 /// The rows of one record batch that need work: every row of a full run; in an incremental
 /// run the rows the fingerprint index does not find unchanged.
 pub struct DecodedBatch {
-    /// Their entity ids.
-    pub ids: Vec<String>,
     /// Their features, row-major in the model's order.
     pub features: Vec<f32>,
-    /// Their Redis keys.
+    /// Their Redis keys (each names its entity: [`millrace_crds::keys::BatchKeys::id_of`]).
     pub keys: Vec<String>,
     /// Their fingerprints.
     pub fingerprints: Vec<u64>,
@@ -201,12 +199,10 @@ async fn decode_unit(
                 }
             }
         }
-        let (ids, features) = scanned.gather(&rows);
         let batch = DecodedBatch {
-            keys: ids.iter().map(|id| keys.key(id)).collect(),
+            keys: rows.iter().map(|&i| keys.key(scanned.id(i))).collect(),
             fingerprints: rows.iter().map(|&i| scanned.fingerprints[i]).collect(),
-            ids,
-            features,
+            features: scanned.gather(&rows),
             expected,
             file: file.clone(),
             group,

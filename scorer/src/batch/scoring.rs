@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use millrace_crds::keys::{CachedPrediction, Keyspace};
+use millrace_crds::keys::{BatchKeys, CachedPrediction, Keyspace};
 use redis::RedisError;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
@@ -103,7 +103,7 @@ impl Scoring {
     pub async fn push(&mut self, batch: DecodedBatch) -> Result<(), BatchError> {
         self.carried += batch.unchanged;
         self.settled += batch.settled;
-        if batch.ids.is_empty() {
+        if batch.keys.is_empty() {
             return self.reap();
         }
         self.gate.opened(batch.group);
@@ -194,7 +194,6 @@ impl Scoring {
     async fn score(&mut self, prepared: Prepared) -> Result<(), BatchError> {
         let Prepared { batch, reading } = prepared;
         let DecodedBatch {
-            ids,
             features,
             keys,
             fingerprints,
@@ -204,7 +203,7 @@ impl Scoring {
             ..
         } = batch;
         // Rows the index did not know: compared with the fingerprint in their stored value.
-        let mut unchanged = vec![false; ids.len()];
+        let mut unchanged = vec![false; keys.len()];
         if let Some((unknown, read)) = reading {
             let values = read
                 .await
@@ -219,8 +218,8 @@ impl Scoring {
                 expected[i] = Some(Expected::Value(value));
             }
         }
-        let changed: Vec<usize> = (0..ids.len()).filter(|&i| !unchanged[i]).collect();
-        self.carried += (ids.len() - changed.len()) as u64;
+        let changed: Vec<usize> = (0..keys.len()).filter(|&i| !unchanged[i]).collect();
+        self.carried += (keys.len() - changed.len()) as u64;
         if changed.is_empty() {
             if let Some(ready) = self.gate.closed(group) {
                 self.write_index(ready);
@@ -228,7 +227,7 @@ impl Scoring {
             return Ok(());
         }
         let width = self.model.features();
-        let features = if changed.len() == ids.len() {
+        let features = if changed.len() == keys.len() {
             features
         } else {
             changed
@@ -266,7 +265,6 @@ impl Scoring {
             .iter()
             .map(|&i| expected[i].take().unwrap_or(Expected::Value(None)))
             .collect();
-        let ids: Vec<String> = changed.iter().map(|&i| ids[i].clone()).collect();
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
@@ -285,12 +283,10 @@ impl Scoring {
                 source,
             })?;
             drop(permit);
-            for (((id, (_, value)), was), expected) in
-                ids.iter().zip(&entries).zip(previous).zip(expected)
-            {
+            for (((key, value), was), expected) in entries.iter().zip(previous).zip(expected) {
                 if conflicts(was.as_deref(), &expected, value) {
                     return Err(BatchError::Duplicate {
-                        id: id.clone(),
+                        id: BatchKeys::id_of(key).unwrap_or(key).to_string(),
                         file,
                         row_group: group.1,
                     });
