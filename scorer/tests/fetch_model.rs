@@ -140,14 +140,7 @@ fn an_unsupported_scheme_is_refused() {
 async fn an_s3_model_is_downloaded_with_credentials_from_the_environment() {
     use object_store::ObjectStoreExt;
     let moto = Moto::start();
-    let endpoint = moto.endpoint();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "test".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-        ("AWS_ENDPOINT", endpoint.clone()),
-        ("AWS_ALLOW_HTTP", "true".to_string()),
-    ];
+    let env = moto.credentials();
     let store = s3_bucket(&moto, "models");
     store
         .put(&"churn/3/model.onnx".into(), MODEL.to_vec().into())

@@ -253,7 +253,6 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         IndexPlace {
             keyspace: keyspace.clone(),
             generation: target.clone(),
-            ttl_ms,
         },
     );
     let mut progress = Progress::new(total);
@@ -289,10 +288,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     if let Some(base) = &base {
         // Publishing this run's name must lead scorers to the generation it updated.
         let alias = keyspace.alias(&args.generation);
-        let mut set = redis::cmd("SET");
-        set.arg(&alias).arg(base).arg("PX").arg(ttl_ms);
-        let _: () = writer
-            .command(&alias, &set)
+        writer
+            .set_with_ttl(&alias, base)
             .await
             .map_err(|source| BatchError::Redis {
                 during: "recording the updated generation",

@@ -32,8 +32,6 @@ pub struct IndexPlace {
     pub keyspace: Keyspace,
     /// The generation written (an incremental run's base).
     pub generation: String,
-    /// Their TTL: the batch TTL.
-    pub ttl_ms: u64,
 }
 
 /// Decoded batches whose reads may be in flight before the oldest is scored.
@@ -173,15 +171,10 @@ impl Scoring {
             .index
             .keyspace
             .fingerprint_index(&self.index.generation, file, row_group);
-        let mut set = redis::cmd("SET");
-        set.arg(&key)
-            .arg(index::encode(&pairs))
-            .arg("PX")
-            .arg(self.index.ttl_ms);
         let writer = Arc::clone(&self.writer);
         self.writes.spawn(async move {
-            let () = writer
-                .command(&key, &set)
+            writer
+                .set_with_ttl(&key, index::encode(&pairs))
                 .await
                 .map_err(|source| BatchError::Redis {
                     during: "writing the fingerprint index",

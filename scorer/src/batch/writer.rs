@@ -253,6 +253,18 @@ impl PredictionWriter {
         Ok(out)
     }
 
+    /// Sets `key` to `value` with the batch TTL (an index or a generation's bookkeeping,
+    /// which must expire with the predictions it describes).
+    pub async fn set_with_ttl(
+        &self,
+        key: &str,
+        value: impl redis::ToRedisArgs,
+    ) -> Result<(), RedisError> {
+        let mut set = redis::cmd("SET");
+        set.arg(key).arg(value).arg("PX").arg(self.ttl_ms);
+        self.command(key, &set).await
+    }
+
     /// Runs one command on the node owning `key` (single Redis: the only one).
     pub async fn command<T: redis::FromRedisValue>(
         &self,
