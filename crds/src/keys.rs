@@ -7,18 +7,28 @@
 //!
 //! | key | holds |
 //! |---|---|
-//! | `mr:{ks}:{version}:b:{generation}:{{id}}` | a batch prediction of generation G |
+//! | `mr:{ks}:{version}:b:{generation}:{{{ks}:{version}:{generation}/{bucket}}}` | hash: entity id → batch prediction, for the entities of one bucket of generation G |
+//! | `mr:{ks}:{version}:g:{generation}:buckets` | the bucket count of generation G (a power of two) |
 //! | `mr:{ks}:{version}:rt:{{id}}` | a real-time prediction |
 //! | `mr:{ks}:{version}:serving` | the published generation scorers read |
 //! | `mr:{ks}:{version}:g:{generation}:done` | hash: shard index → predictions it wrote, per finished shard of G |
+//! | `mr:{ks}:{version}:g:{generation}:attempts` | hash: shard index → attempts started (a retried shard reads before it writes) |
 //! | `mr:{ks}:{version}:g:{generation}:alias` | the generation an incremental run G updated in place |
 //! | `mr:{ks}:{version}:traffic` | hash: scorer pod → its latest [`crate::traffic::TrafficWindow`] |
 //! | `mr:{ks}:{version}:activity:{{ks:version}}:{hour}` | sorted set: sampled requests per entity in one hour (what `warm` reads) |
 //!
-//! The entity id is wrapped in a Redis Cluster hash tag (`{...}`), so one entity's batch and
-//! real-time keys share a slot (one `MGET` answers "batch or real-time cached?") while
-//! different entities spread over every slot. Ids therefore may not contain braces; see
-//! [`validate_entity_id`].
+//! **Batch predictions live in hash buckets**, not one key per entity: an entity's bucket is
+//! [`bucket_of`] its id among the generation's [`bucket_count`] (about
+//! [`ENTITIES_PER_BUCKET`] entities each), the field is the id. Every prediction of a
+//! generation shares one TTL, so one TTL per bucket says the same as one per key, and a
+//! small hash is a compact listpack in Redis: a quarter of the memory of string keys with
+//! TTLs, and a batch run sends one `HSET` with several fields where it sent one `SET … PX`
+//! per entity (about a third of Redis's CPU per prediction, measured in the README).
+//!
+//! The real-time key wraps the entity id in a Redis Cluster hash tag (`{...}`), so entities
+//! spread over every slot; each bucket's tag names its resource, generation and bucket, so
+//! buckets spread too. Ids may not contain braces; see [`validate_entity_id`]. Answering
+//! "batch or real-time cached?" is one pipelined round trip (`GET` + `HGET`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,17 +101,18 @@ impl Keyspace {
         format!("{namespace}/{name}")
     }
 
-    /// Where generation `generation` keeps the batch prediction of `id`.
-    pub fn batch(&self, generation: &str, id: &str) -> String {
-        format!("{}b:{generation}:{{{id}}}", self.base)
+    /// The bucket layout of `generation`, which has `buckets` buckets (a power of two, as
+    /// recorded under [`Keyspace::bucket_count_key`]).
+    pub fn batch_layout(&self, generation: &str, buckets: u32) -> BatchLayout {
+        BatchLayout {
+            prefix: format!("{}b:{generation}:{{{}:{generation}/", self.base, self.tag),
+            buckets: buckets.max(1).next_power_of_two(),
+        }
     }
 
-    /// Builds the batch keys of one generation without formatting each from scratch (a
-    /// batch run makes millions): [`BatchKeys::key`] equals [`Keyspace::batch`].
-    pub fn batch_keys(&self, generation: &str) -> BatchKeys {
-        BatchKeys {
-            prefix: format!("{}b:{generation}:{{", self.base),
-        }
+    /// Where `generation` records its bucket count.
+    pub fn bucket_count_key(&self, generation: &str) -> String {
+        format!("{}g:{generation}:buckets", self.base)
     }
 
     /// Where the real-time prediction of `id` lives.
@@ -118,6 +129,12 @@ impl Keyspace {
     /// A retried shard overwrites its own field, so the count stays exact.
     pub fn shards_done(&self, generation: &str) -> String {
         format!("{}g:{generation}:done", self.base)
+    }
+
+    /// The hash of attempts per shard of `generation`: a shard that finds itself retried
+    /// reads before it writes.
+    pub fn shard_attempts(&self, generation: &str) -> String {
+        format!("{}g:{generation}:attempts", self.base)
     }
 
     /// The hash where every scorer pod publishes its latest traffic window (field = pod name),
@@ -266,27 +283,71 @@ impl CachedPrediction {
     }
 }
 
-/// The batch keys of one generation ([`Keyspace::batch_keys`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchKeys {
-    prefix: String,
+/// Entities per bucket a generation is sized for: well inside Redis's default
+/// `hash-max-listpack-entries` (128), so buckets stay compact listpacks whose lookups scan
+/// a couple of kilobytes at most.
+pub const ENTITIES_PER_BUCKET: u64 = 64;
+
+/// The most buckets a generation has (a quarter of a billion entities at 64 each; more
+/// entities make buckets larger, not more numerous).
+pub const MAX_BUCKETS: u32 = 1 << 22;
+
+/// The bucket count for a generation of `entities`: a power of two near
+/// `entities / ENTITIES_PER_BUCKET`, at least 1 and at most [`MAX_BUCKETS`]. Every shard of a
+/// run computes it from the whole input's row count, so all agree.
+pub fn bucket_count(entities: u64) -> u32 {
+    let wanted = entities.div_ceil(ENTITIES_PER_BUCKET).max(1);
+    let power = wanted.next_power_of_two().min(u64::from(MAX_BUCKETS));
+    u32::try_from(power).unwrap_or(MAX_BUCKETS)
 }
 
-impl BatchKeys {
-    /// The key of `id`.
-    pub fn key(&self, id: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + id.len() + 1);
+/// The 64-bit hash of an entity id (FNV-1a over its bytes). Stored in fingerprint indexes
+/// and behind every bucket choice: it must never change.
+pub fn entity_hash(id: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The bucket, among `buckets` (a power of two), of the entity whose [`entity_hash`] is
+/// `hash`. FNV-1a's low bits are weak, so they are mixed first.
+pub fn bucket_of(hash: u64, buckets: u32) -> u32 {
+    (fingerprint_finish(hash) & (u64::from(buckets.max(1)) - 1)) as u32
+}
+
+/// Where one generation keeps its batch predictions ([`Keyspace::batch_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchLayout {
+    prefix: String,
+    buckets: u32,
+}
+
+impl BatchLayout {
+    /// The number of buckets.
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// The bucket of an entity whose [`entity_hash`] is `hash`.
+    pub fn bucket_of_hash(&self, hash: u64) -> u32 {
+        bucket_of(hash, self.buckets)
+    }
+
+    /// The hash key of `bucket`.
+    pub fn bucket_key(&self, bucket: u32) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + 11);
         key.push_str(&self.prefix);
-        key.push_str(id);
+        key.push_str(&bucket.to_string());
         key.push('}');
         key
     }
 
-    /// The entity id a batch key names (ids and key prefixes never hold braces), so a
-    /// caller holding keys need not keep the ids beside them.
-    pub fn id_of(key: &str) -> Option<&str> {
-        let open = key.rfind('{')?;
-        key.get(open + 1..)?.strip_suffix('}')
+    /// The hash key holding `id`'s prediction (the field is the id itself).
+    pub fn key_of(&self, id: &str) -> String {
+        self.bucket_key(self.bucket_of_hash(entity_hash(id)))
     }
 }
 
@@ -381,16 +442,17 @@ mod tests {
     #[test]
     fn keys_name_the_resource_version_and_entity() {
         let ks = Keyspace::new("ml/churn", "3");
+        let layout = ks.batch_layout("20261130-020000", 1024);
         assert_eq!(
-            ks.batch("20261130-020000", "user_42"),
-            "mr:ml/churn:3:b:20261130-020000:{user_42}"
+            layout.bucket_key(7),
+            "mr:ml/churn:3:b:20261130-020000:{ml/churn:3:20261130-020000/7}"
         );
         assert_eq!(
-            ks.batch_keys("20261130-020000").key("user_42"),
-            ks.batch("20261130-020000", "user_42")
+            layout.key_of("user_42"),
+            layout.bucket_key(bucket_of(entity_hash("user_42"), 1024))
         );
-        assert_eq!(BatchKeys::id_of(&ks.batch("G", "user_42")), Some("user_42"));
-        assert_eq!(BatchKeys::id_of("no-braces"), None);
+        assert_eq!(ks.batch_layout("G", 1000).buckets(), 1024, "a power of two");
+        assert_eq!(ks.bucket_count_key("G"), "mr:ml/churn:3:g:G:buckets");
         assert_eq!(ks.realtime("user_42"), "mr:ml/churn:3:rt:{user_42}");
         assert_eq!(ks.serving_pointer(), "mr:ml/churn:3:serving");
         assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");
@@ -413,12 +475,22 @@ mod tests {
     }
 
     #[test]
-    fn one_entitys_keys_share_a_slot_and_entities_spread() {
+    fn entities_and_buckets_spread_over_slots() {
         let ks = Keyspace::new("ml/churn", "3");
-        let id = "user_42";
-        assert_eq!(
-            cluster_slot(ks.batch("G", id).as_bytes()),
-            cluster_slot(ks.realtime(id).as_bytes())
+        let layout = ks.batch_layout("G", 1024);
+        let buckets: std::collections::HashSet<u16> = (0..1024)
+            .map(|b| cluster_slot(layout.bucket_key(b).as_bytes()))
+            .collect();
+        assert!(
+            buckets.len() > 900,
+            "1024 buckets hit only {} slots",
+            buckets.len()
+        );
+        let other = Keyspace::new("ml/other", "3").batch_layout("G", 1024);
+        assert_ne!(
+            cluster_slot(layout.bucket_key(0).as_bytes()),
+            cluster_slot(other.bucket_key(0).as_bytes()),
+            "bucket 0 of every resource must not share one slot"
         );
         let slots: std::collections::HashSet<u16> = (0..1000)
             .map(|i| cluster_slot(ks.realtime(&format!("user_{i}")).as_bytes()))
@@ -478,6 +550,30 @@ mod tests {
         assert_eq!(features_fingerprint(&[]), PINNED_EMPTY);
         assert_eq!(features_fingerprint(&[1.0]), PINNED_ONE);
     }
+
+    #[test]
+    fn bucket_counts_track_the_input_and_buckets_fill_evenly() {
+        assert_eq!(bucket_count(0), 1);
+        assert_eq!(bucket_count(64), 1);
+        assert_eq!(bucket_count(65), 2);
+        assert_eq!(bucket_count(1_000_000), 16_384);
+        assert_eq!(bucket_count(u64::MAX), MAX_BUCKETS);
+        let mut sizes = vec![0u32; 1024];
+        for i in 0..65_536 {
+            sizes[bucket_of(entity_hash(&format!("user_{i}")), 1024) as usize] += 1;
+        }
+        let (min, max) = (sizes.iter().min(), sizes.iter().max());
+        assert!(
+            min >= Some(&30) && max <= Some(&110),
+            "64 per bucket on average, found {min:?}..{max:?}"
+        );
+        // Stored in Redis and fingerprint indexes: the functions must never change.
+        assert_eq!(entity_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(entity_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(bucket_of(entity_hash("user_42"), 1 << 22), PINNED_BUCKET);
+    }
+
+    const PINNED_BUCKET: u32 = 572_591;
 
     const PINNED_EMPTY: u64 = 0x9ca0_66f1_a4ab_2eea;
     const PINNED_ONE: u64 = 0xc365_aa08_1b87_384f;

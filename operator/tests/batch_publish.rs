@@ -232,8 +232,9 @@ async fn deleting_a_resource_removes_its_redis_keys_and_nothing_else() {
         let neighbour = Keyspace::new(&format!("{ns}/churn-v2"), "3");
         let mut r = redis(&server).await;
         let mut pipe = redis::pipe();
-        for i in 0..2500 {
-            pipe.set(ours_v3.batch("g1", &format!("user_{i}")), 1)
+        let layout = ours_v3.batch_layout("g1", 4096);
+        for bucket in 0..2500 {
+            pipe.hset(layout.bucket_key(bucket), format!("user_{bucket}"), 1)
                 .ignore();
         }
         pipe.set(ours_v3.realtime("user_1"), 1)

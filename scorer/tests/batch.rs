@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray};
 use millrace_crds::config::{BatchConfig, ScorerConfig};
-use millrace_crds::keys::{CachedPrediction, Keyspace};
+use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace};
 use millrace_crds::spec::{ExecutionProvider, MissingFeaturePolicy, OfflineFeatures};
 use millrace_e2e::azure::AzuriteServer;
 use millrace_e2e::gcs::GcsServer;
@@ -188,18 +188,45 @@ async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("connect")
 }
 
+/// Where `generation`'s predictions are, as its batch run recorded.
+async fn layout_of(conn: &mut impl redis::aio::ConnectionLike, generation: &str) -> BatchLayout {
+    let ks = Keyspace::new("ml/churn", "3");
+    let buckets: u32 = redis::cmd("GET")
+        .arg(ks.bucket_count_key(generation))
+        .query_async(conn)
+        .await
+        .expect("the run records its bucket count");
+    ks.batch_layout(generation, buckets)
+}
+
+/// The stored batch value of entity `id` in `generation`.
+async fn batch_value(
+    conn: &mut impl redis::aio::ConnectionLike,
+    generation: &str,
+    id: &str,
+) -> Option<Vec<u8>> {
+    let layout = layout_of(conn, generation).await;
+    redis::cmd("HGET")
+        .arg(layout.key_of(id))
+        .arg(id)
+        .query_async(conn)
+        .await
+        .expect("hget")
+}
+
 /// Every prediction of `generation` for ids `0..n`, read back and decoded.
 async fn read_all(
     conn: &mut impl redis::aio::ConnectionLike,
     generation: &str,
     n: usize,
 ) -> Vec<Option<CachedPrediction>> {
-    let ks = Keyspace::new("ml/churn", "3");
+    let layout = layout_of(conn, generation).await;
     let mut out = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let mut pipe = redis::pipe();
         for i in chunk {
-            pipe.get(ks.batch(generation, &format!("e{i}")));
+            let id = format!("e{i}");
+            pipe.hget(layout.key_of(&id), &id);
         }
         let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await.expect("get");
         out.extend(
@@ -253,7 +280,12 @@ async fn shards_cover_every_row_exactly_once_and_equal_the_model() {
             .keys(format!("mr:ml/churn:3:b:{generation}:*"))
             .await
             .expect("keys");
-        assert_eq!(keys.len(), n);
+        let mut fields = 0;
+        for key in &keys {
+            let len: usize = conn.hlen(key).await.expect("hlen");
+            fields += len;
+        }
+        assert_eq!(fields, n, "one field per entity across the buckets");
         for (i, p) in read_all(&mut conn, &generation, n)
             .await
             .into_iter()
@@ -267,7 +299,8 @@ async fn shards_cover_every_row_exactly_once_and_equal_the_model() {
                 setup.expected(i)
             );
         }
-        let ttl: i64 = conn.pttl(ks.batch(&generation, "e0")).await.expect("pttl");
+        let bucket = layout_of(&mut conn, &generation).await.key_of("e0");
+        let ttl: i64 = conn.pttl(bucket).await.expect("pttl");
         assert!(ttl > 86_000_000 && ttl <= 86_400_000, "batchTTL 24h: {ttl}");
     }
 }
@@ -340,9 +373,9 @@ async fn writes_spread_over_a_real_redis_cluster() {
     write_parquet(&setup.lake().join("p.parquet"), &ids, 500);
     let cluster = RedisCluster::start(3);
     let uri = format!("file://{}/", setup.lake().display());
-    let mut cfg = setup.config(&uri, 256, 2);
-    cfg.cache.redis_cluster = true;
-    let cfg = config_file(setup.dir.path(), &cfg);
+    let mut scorer_config = setup.config(&uri, 256, 2);
+    scorer_config.cache.redis_cluster = true;
+    let cfg = config_file(setup.dir.path(), &scorer_config);
     for index in 0..2 {
         let out = run_batch(&cfg, &cluster.url(), "g-c", 2, index);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -350,28 +383,58 @@ async fn writes_spread_over_a_real_redis_cluster() {
     let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
     let mut conn = client.get_async_connection().await.expect("cluster");
     let ks = Keyspace::new("ml/churn", "3");
-    let mut found = 0;
+    let layout = layout_of(&mut conn, "g-c").await;
     for i in 0..n {
-        let raw: Option<Vec<u8>> = conn
-            .get(ks.batch("g-c", &format!("e{i}")))
-            .await
-            .expect("get");
+        let id = format!("e{i}");
+        let raw: Option<Vec<u8>> = conn.hget(layout.key_of(&id), &id).await.expect("hget");
         let p = CachedPrediction::decode(&raw.expect("present")).expect("decodes");
         assert!((p.value - setup.expected(i)).abs() < 1e-6);
-        found += 1;
     }
-    assert_eq!(found, n);
+    let buckets = u64::from(layout.buckets());
     let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-c")).await.expect("done");
     assert_eq!(done.values().sum::<u64>(), n as u64);
-    // Every master holds a share: no key pattern forces one slot.
+    // Every master holds a share of the buckets: no key pattern forces one slot.
     for url in cluster.urls() {
         let mut node = connection(&url).await;
         let size: u64 = redis::cmd("DBSIZE")
             .query_async(&mut node)
             .await
             .expect("dbsize");
-        assert!(size > n as u64 / 6, "{url} holds {size} keys");
+        assert!(
+            size > buckets / 6,
+            "{url} holds {size} of {buckets} buckets"
+        );
     }
+
+    // A scorer on the cluster answers from the published generation's buckets, and from a
+    // real-time key (another slot) in the same lookup.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-c")
+        .await
+        .expect("publish");
+    let fresh = CachedPrediction::now(0.75);
+    let _: () = conn
+        .set(ks.realtime("e1"), &fresh.encode()[..])
+        .await
+        .expect("realtime");
+    let scorer = support::Scorer::start(&scorer_config, &cluster.url(), &[]).await;
+    let (status, body) = scorer.get("/v1/predictions/e7").await;
+    assert_eq!(
+        (status, body["source"].as_str()),
+        (200, Some("batch")),
+        "{body}"
+    );
+    let served = body["prediction"].as_f64().expect("prediction");
+    assert!(
+        (served - f64::from(setup.expected(7))).abs() < 1e-6,
+        "{body}"
+    );
+    let (_, body) = scorer.get("/v1/predictions/e1").await;
+    assert_eq!(
+        (body["source"].as_str(), body["prediction"].as_f64()),
+        (Some("realtime"), Some(0.75)),
+        "the newer real-time prediction wins: {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,7 +640,7 @@ async fn bad_input_names_the_file_column_and_row_group() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("filled=1"), "{}", stderr(&out));
-    let n1: Option<Vec<u8>> = conn.get(ks.batch("g7", "n1")).await.expect("get");
+    let n1 = batch_value(&mut conn, "g7", "n1").await;
     let want = setup.model.predict(&[1.0, 0.0, 1.0, 1.0]).expect("predict")[0];
     assert_eq!(
         CachedPrediction::decode(&n1.expect("filled"))
@@ -596,7 +659,7 @@ async fn bad_input_names_the_file_column_and_row_group() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("skipped=1"), "{}", stderr(&out));
-    let n1: Option<Vec<u8>> = conn.get(ks.batch("g8", "n1")).await.expect("get");
+    let n1 = batch_value(&mut conn, "g8", "n1").await;
     assert_eq!(
         n1, None,
         "skipped, so the online path computes it on request"
@@ -614,12 +677,13 @@ async fn raw_values(
     generation: &str,
     ids: &[usize],
 ) -> Vec<Option<Vec<u8>>> {
-    let ks = Keyspace::new("ml/churn", "3");
+    let layout = layout_of(conn, generation).await;
     let mut pipe = redis::pipe();
     for i in ids {
-        pipe.get(ks.batch(generation, &format!("e{i}")));
+        let id = format!("e{i}");
+        pipe.hget(layout.key_of(&id), &id);
     }
-    pipe.query_async(conn).await.expect("get")
+    pipe.query_async(conn).await.expect("hget")
 }
 
 /// Whether day 2 changed entity `i`'s features (every tenth entity).
@@ -684,6 +748,14 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     write_two_days(&setup, 1_000, &day2, 100);
     publish_day1(&setup, &server, &mut conn, 128).await;
     let before = raw_values(&mut conn, "g-full", &day2).await;
+    // A day has passed: the full run's buckets have a minute left.
+    let layout = layout_of(&mut conn, "g-full").await;
+    for bucket in 0..layout.buckets() {
+        let _: bool = conn
+            .pexpire(layout.bucket_key(bucket), 60_000)
+            .await
+            .expect("pexpire");
+    }
 
     // The incremental run of day 2, in two shards.
     let mut incremental = setup.config(&format!("file://{}/day2/", setup.lake().display()), 128, 2);
@@ -727,6 +799,13 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
             );
         }
     }
+    for bucket in 0..layout.buckets() {
+        let ttl: i64 = conn.pttl(layout.bucket_key(bucket)).await.expect("pttl");
+        assert!(
+            ttl > 86_000_000,
+            "bucket {bucket}: the predictions carried live as long as those written ({ttl} ms)"
+        );
+    }
     let alias: Option<String> = conn.get(ks.alias("g-inc")).await.expect("alias");
     assert_eq!(
         alias.as_deref(),
@@ -766,6 +845,57 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_twice_in_a_row_group_fails_an_incremental_run_before_it_writes() {
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let ids: Vec<usize> = (0..100).collect();
+    write_two_days(&setup, ids.len(), &ids, 100);
+    publish_day1(&setup, &server, &mut conn, 32).await;
+    let before = raw_values(&mut conn, "g-full", &ids).await;
+
+    // Day 3: day 2's rows and e3 once more, with other features, in the same row group.
+    std::fs::create_dir_all(setup.lake().join("day3")).expect("dir");
+    let mut names: Vec<String> = ids.iter().map(|i| format!("e{i}")).collect();
+    names.push("e3".into());
+    let mut columns: Vec<(&str, ArrayRef)> =
+        vec![("user_id", Arc::new(StringArray::from(names)) as ArrayRef)];
+    for (j, name) in INPUTS.iter().enumerate() {
+        let values: Vec<f32> = ids
+            .iter()
+            .map(|&i| features_of(day2_source(i))[j])
+            .chain(std::iter::once(features_of(70_000)[j]))
+            .collect();
+        columns.push((name, Arc::new(Float32Array::from(values)) as ArrayRef));
+    }
+    write_batch(
+        &setup.lake().join("day3/d.parquet"),
+        RecordBatch::try_from_iter(columns).expect("batch"),
+        200,
+    );
+    let mut incremental = setup.config(&format!("file://{}/day3/", setup.lake().display()), 32, 1);
+    if let Some(batch) = incremental.batch.as_mut() {
+        batch.incremental = true;
+    }
+    let out = run_batch(
+        &config_file(setup.dir.path(), &incremental),
+        &server.url(),
+        "g-dup",
+        1,
+        0,
+    );
+    assert!(!out.status.success(), "a repeated entity must fail the run");
+    let log = stderr(&out);
+    assert!(
+        log.contains("day3/d.parquet") && log.contains("row group 0") && log.contains("\"e3\""),
+        "{log}"
+    );
+    // Found by the fingerprint index while decoding: e3's batch was never written.
+    let after = raw_values(&mut conn, "g-full", &[3]).await;
+    assert_eq!(after[0], before[3], "e3 is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
     let setup = Setup::new();
     let server = RedisServer::start();
@@ -777,11 +907,12 @@ async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
     let index_key = ks.fingerprint_index("g-full", 0, 0);
     let index_before: Vec<u8> = conn.get(&index_key).await.expect("index");
 
-    // One changed entity's key holds a hash: its write fails (WRONGTYPE), the others of its
-    // pipeline land, and the run fails.
-    let broken = ks.batch("g-full", "e13");
-    let _: () = conn.del(&broken).await.expect("del");
-    let _: () = conn.hset(&broken, "x", "1").await.expect("hset");
+    // One changed entity's bucket is set aside and a string stands in its place: its write
+    // fails (WRONGTYPE), the other buckets of the pipeline land, and the run fails.
+    let broken = layout_of(&mut conn, "g-full").await.key_of("e13");
+    let aside = format!("{broken}:aside");
+    let _: () = conn.rename(&broken, &aside).await.expect("rename");
+    let _: () = conn.set(&broken, "not a hash").await.expect("set");
     let mut incremental = setup.config(&format!("file://{}/day2/", setup.lake().display()), 64, 1);
     if let Some(batch) = incremental.batch.as_mut() {
         batch.incremental = true;
@@ -802,7 +933,7 @@ async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
 
     // Fixed and rerun: every changed entity is rescored, e13 included (an index written
     // ahead would have called it unchanged and left it without a prediction).
-    let _: () = conn.del(&broken).await.expect("del");
+    let _: () = conn.rename(&aside, &broken).await.expect("restore");
     let out = run_batch(&cfg, &server.url(), "g-inc-retry", 1, 0);
     let (computed, carried, settled) = shard_summary(&out);
     assert_eq!((computed, carried, settled), (30, 270, 300));

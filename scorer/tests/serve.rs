@@ -40,6 +40,34 @@ async fn put(conn: &mut redis::aio::MultiplexedConnection, key: &str, value: f32
     let _: () = conn.set(key, &p.encode()[..]).await.expect("set");
 }
 
+/// Buckets of every generation these tests write by hand.
+const TEST_BUCKETS: u32 = 8;
+
+/// Writes `id`'s batch prediction of `generation`, `age` old, laid out as a batch run
+/// lays it out (the bucket count recorded, the value a field of the entity's bucket).
+async fn put_batch(
+    conn: &mut redis::aio::MultiplexedConnection,
+    ks: &Keyspace,
+    generation: &str,
+    id: &str,
+    value: f32,
+    age: Duration,
+) {
+    let _: Option<String> = redis::cmd("SET")
+        .arg(ks.bucket_count_key(generation))
+        .arg(TEST_BUCKETS)
+        .arg("NX")
+        .query_async(conn)
+        .await
+        .expect("bucket count");
+    let p = CachedPrediction {
+        value,
+        computed_at_ms: now_ms() - age.as_millis() as u64,
+    };
+    let key = ks.batch_layout(generation, TEST_BUCKETS).key_of(id);
+    let _: () = conn.hset(key, id, &p.encode()[..]).await.expect("hset");
+}
+
 fn local_model(path: &Path) -> Model {
     Model::load(
         path,
@@ -65,9 +93,11 @@ async fn every_tier_answers_in_order_and_says_so() {
     let mut conn = redis(&server).await;
     let ks = keyspace();
     let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
-    put(
+    put_batch(
         &mut conn,
-        &ks.batch("G1", "u_batch"),
+        &ks,
+        "G1",
+        "u_batch",
         0.25,
         Duration::from_secs(60),
     )
@@ -80,9 +110,11 @@ async fn every_tier_answers_in_order_and_says_so() {
     )
     .await;
     // An older batch prediction and a newer real-time one: the newer answers.
-    put(
+    put_batch(
         &mut conn,
-        &ks.batch("G1", "u_both"),
+        &ks,
+        "G1",
+        "u_both",
         0.1,
         Duration::from_secs(600),
     )
@@ -95,9 +127,11 @@ async fn every_tier_answers_in_order_and_says_so() {
     )
     .await;
     // A batch prediction past maxStaleness (12h) is a miss: recomputed.
-    put(
+    put_batch(
         &mut conn,
-        &ks.batch("G1", "u_old"),
+        &ks,
+        "G1",
+        "u_old",
         0.3,
         Duration::from_secs(13 * 3600),
     )
@@ -254,9 +288,11 @@ async fn fallbacks_stale_default_and_no_answer() {
     let mut conn = redis(&server).await;
     let ks = keyspace();
     let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
-    put(
+    put_batch(
         &mut conn,
-        &ks.batch("G1", "u_old"),
+        &ks,
+        "G1",
+        "u_old",
         0.3,
         Duration::from_secs(13 * 3600),
     )
@@ -318,8 +354,8 @@ async fn a_published_generation_is_picked_up() {
     let mut conn = redis(&server).await;
     let ks = keyspace();
     let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
-    put(&mut conn, &ks.batch("G1", "u"), 0.1, Duration::ZERO).await;
-    put(&mut conn, &ks.batch("G2", "u"), 0.2, Duration::ZERO).await;
+    put_batch(&mut conn, &ks, "G1", "u", 0.1, Duration::ZERO).await;
+    put_batch(&mut conn, &ks, "G2", "u", 0.2, Duration::ZERO).await;
     let mut cfg = config(&model_path, &INPUTS);
     cfg.cache.memory.max_entries = 0;
     let scorer = Scorer::start(&cfg, &server.url(), &["--generation-refresh", "100ms"]).await;
@@ -346,7 +382,7 @@ async fn redis_killed_and_restarted_mid_test_degrades_then_recovers() {
     {
         let mut conn = redis(&server).await;
         let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
-        put(&mut conn, &ks.batch("G1", "warm"), 0.4, Duration::ZERO).await;
+        put_batch(&mut conn, &ks, "G1", "warm", 0.4, Duration::ZERO).await;
     }
     let scorer = Scorer::start(
         &config(&model_path, &INPUTS),
@@ -423,9 +459,11 @@ async fn redis_killed_and_restarted_mid_test_degrades_then_recovers() {
         let mut conn = redis(&server).await;
         let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
         for i in 0..200 {
-            put(
+            put_batch(
                 &mut conn,
-                &ks.batch("G1", &format!("after{i}")),
+                &ks,
+                "G1",
+                &format!("after{i}"),
                 0.6,
                 Duration::ZERO,
             )
@@ -478,13 +516,7 @@ async fn a_scorer_started_while_redis_is_down_serves_and_recovers() {
     let ks = keyspace();
     let _: () = conn.set(ks.serving_pointer(), "G9").await.expect("pointer");
     for i in 0..200 {
-        put(
-            &mut conn,
-            &ks.batch("G9", &format!("y{i}")),
-            0.7,
-            Duration::ZERO,
-        )
-        .await;
+        put_batch(&mut conn, &ks, "G9", &format!("y{i}"), 0.7, Duration::ZERO).await;
     }
     // Each try asks for an entity not asked before: one requested before the scorer has
     // read the pointer is rightly computed in real time (and then cached as such).
@@ -606,7 +638,7 @@ async fn traffic_windows_reach_redis_and_leave_with_the_pod() {
     let ks = keyspace();
     let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
     for id in ["h1", "h2", "h3"] {
-        put(&mut conn, &ks.batch("G1", id), 0.5, Duration::ZERO).await;
+        put_batch(&mut conn, &ks, "G1", id, 0.5, Duration::ZERO).await;
     }
     let mut scorer = Scorer::start(
         &config(&model_path, &INPUTS),
@@ -655,7 +687,7 @@ async fn sigterm_drains_in_flight_requests() {
     let mut conn = redis(&server).await;
     let ks = keyspace();
     let _: () = conn.set(ks.serving_pointer(), "G1").await.expect("pointer");
-    put(&mut conn, &ks.batch("G1", "slow"), 0.5, Duration::ZERO).await;
+    put_batch(&mut conn, &ks, "G1", "slow", 0.5, Duration::ZERO).await;
     let mut cfg = config(&model_path, &INPUTS);
     cfg.serving.latency_budget = "5s".into();
     let mut scorer = Scorer::start(&cfg, &server.url(), &[]).await;

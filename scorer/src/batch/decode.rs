@@ -10,13 +10,13 @@
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use millrace_crds::keys::Keyspace;
+use millrace_crds::keys::{BatchLayout, Keyspace};
 use millrace_crds::spec::MissingFeatures;
 use tokio::sync::mpsc;
 
 use super::BatchError;
 use super::convert::{Location, scan};
-use super::index::KnownIndex;
+use super::index::{KnownIndex, SeenTwice};
 use super::input::{Input, InputError};
 use super::scoring::{Expected, Group};
 use super::shard::Unit;
@@ -27,8 +27,10 @@ use super::writer::PredictionWriter;
 pub struct DecodedBatch {
     /// Their features, row-major in the model's order.
     pub features: Vec<f32>,
-    /// Their Redis keys (each names its entity: [`millrace_crds::keys::BatchKeys::id_of`]).
-    pub keys: Vec<String>,
+    /// Their entity ids (the fields of their buckets).
+    pub ids: Vec<String>,
+    /// Their buckets in the generation's layout.
+    pub buckets: Vec<u32>,
     /// Their fingerprints.
     pub fingerprints: Vec<u64>,
     /// What each write expects to replace; `None`: not known, read the value back first.
@@ -77,6 +79,8 @@ pub struct DecodePlan {
     pub keyspace: Keyspace,
     /// The generation written (an incremental run's base).
     pub generation: String,
+    /// Its buckets.
+    pub layout: Arc<BatchLayout>,
     /// Where an incremental run reads the fingerprint indexes of the generation it updates;
     /// `None` for a full run.
     pub known: Option<Arc<PredictionWriter>>,
@@ -142,7 +146,6 @@ async fn decode_unit(
         .unwrap_or_default();
     let mut reading = read_index(plan, group);
     let mut known: Option<KnownIndex> = None;
-    let keys = plan.keyspace.batch_keys(&plan.generation);
     let columns: Vec<&str> = plan.columns.iter().map(String::as_str).collect();
     let mut stream = plan.input.stream(unit, &columns, plan.batch_size)?;
     let mut first_row = 0;
@@ -181,9 +184,16 @@ async fn decode_unit(
                 // written by a retry of this shard or by a duplicate row.
                 None => Some(Some(Expected::Value(None))),
                 Some(known) => match known.lookup(pairs.len(), id_hash) {
-                    Some(old) if old == fingerprint => None,
-                    Some(old) => Some(Some(Expected::Fingerprint(old))),
-                    None => Some(None),
+                    Ok(Some(old)) if old == fingerprint => None,
+                    Ok(Some(old)) => Some(Some(Expected::Fingerprint(old))),
+                    Ok(None) => Some(None),
+                    Err(SeenTwice) => {
+                        return Err(BatchError::Duplicate {
+                            id: scanned.id(i).to_string(),
+                            file,
+                            row_group: unit.row_group,
+                        });
+                    }
                 },
             };
             pairs.push((id_hash, fingerprint));
@@ -200,7 +210,11 @@ async fn decode_unit(
             }
         }
         let batch = DecodedBatch {
-            keys: rows.iter().map(|&i| keys.key(scanned.id(i))).collect(),
+            ids: rows.iter().map(|&i| scanned.id(i).to_string()).collect(),
+            buckets: rows
+                .iter()
+                .map(|&i| plan.layout.bucket_of_hash(scanned.id_hashes[i]))
+                .collect(),
             fingerprints: rows.iter().map(|&i| scanned.fingerprints[i]).collect(),
             features: scanned.gather(&rows),
             expected,

@@ -30,15 +30,9 @@ use super::scoring::Group;
 /// empty, and its rows go the exact way once).
 const FORMAT: u8 = 2;
 
-/// A 64-bit FNV-1a hash of an entity id: the index's key.
-pub fn id_hash(id: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in id.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
+/// The index's key of an entity: its [`millrace_crds::keys::entity_hash`] (which also
+/// picks its bucket).
+pub use millrace_crds::keys::entity_hash as id_hash;
 
 /// `pairs` (entity hash, fingerprint) as stored: the format byte, then 16 bytes per pair.
 pub fn encode(pairs: &[(u64, u64)]) -> Vec<u8> {
@@ -76,30 +70,56 @@ pub fn decode(bytes: &[u8]) -> Vec<(u64, u64)> {
 #[derive(Debug, Default)]
 pub struct KnownIndex {
     pairs: Vec<(u64, u64)>,
-    by_id: Option<HashMap<u64, u64>>,
+    /// Entity hash → its pair, built only when the layout moved.
+    by_id: Option<HashMap<u64, usize>>,
+    /// Pairs already matched by a row of this run: a second row matching one is the same
+    /// entity twice in the group.
+    matched: Vec<bool>,
 }
+
+/// A row whose entity an earlier row of the same group already matched in the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenTwice;
 
 impl KnownIndex {
     /// The index stored as `bytes` (empty when there is none).
     pub fn from_stored(bytes: Option<&[u8]>) -> Self {
+        let pairs = bytes.map(decode).unwrap_or_default();
         Self {
-            pairs: bytes.map(decode).unwrap_or_default(),
+            matched: vec![false; pairs.len()],
+            pairs,
             by_id: None,
         }
     }
 
     /// The fingerprint entity `id_hash` was scored on, if the index knows it; `position` is
     /// the row's place among the group's scored rows (where an unchanged layout has it).
-    pub fn lookup(&mut self, position: usize, id_hash: u64) -> Option<u64> {
-        match self.pairs.get(position) {
-            Some(&(id, fingerprint)) if id == id_hash => Some(fingerprint),
+    /// Fails when an earlier row of the group already matched the same entry: the input holds
+    /// the entity twice (caught here, before either row is written, since their writes
+    /// replace fields without reading them).
+    pub fn lookup(&mut self, position: usize, id_hash: u64) -> Result<Option<u64>, SeenTwice> {
+        let found = match self.pairs.get(position) {
+            Some(&(id, _)) if id == id_hash => Some(position),
             _ if self.pairs.is_empty() => None,
-            _ => self
-                .by_id
-                .get_or_insert_with(|| self.pairs.iter().copied().collect())
-                .get(&id_hash)
-                .copied(),
+            _ => {
+                let pairs = &self.pairs;
+                self.by_id
+                    .get_or_insert_with(|| {
+                        pairs
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &(id, _))| (id, k))
+                            .collect()
+                    })
+                    .get(&id_hash)
+                    .copied()
+            }
+        };
+        let Some(k) = found else { return Ok(None) };
+        if std::mem::replace(&mut self.matched[k], true) {
+            return Err(SeenTwice);
         }
+        Ok(Some(self.pairs[k].1))
     }
 }
 
@@ -179,13 +199,24 @@ mod tests {
         let (a, b, c) = (id_hash("a"), id_hash("b"), id_hash("c"));
         let stored = encode(&[(a, 1), (b, 2), (c, 3)]);
         let mut known = KnownIndex::from_stored(Some(&stored));
-        assert_eq!(known.lookup(1, b), Some(2), "in place");
+        assert_eq!(known.lookup(1, b), Ok(Some(2)), "in place");
         assert!(known.by_id.is_none(), "no map for rows in place");
-        assert_eq!(known.lookup(0, c), Some(3), "moved");
-        assert_eq!(known.lookup(7, a), Some(1), "past the end");
-        assert_eq!(known.lookup(0, id_hash("new")), None);
+        assert_eq!(known.lookup(0, c), Ok(Some(3)), "moved");
+        assert_eq!(known.lookup(7, a), Ok(Some(1)), "past the end");
+        assert_eq!(known.lookup(0, id_hash("new")), Ok(None));
         let mut none = KnownIndex::from_stored(None);
-        assert_eq!(none.lookup(0, a), None);
+        assert_eq!(none.lookup(0, a), Ok(None));
+    }
+
+    #[test]
+    fn an_entity_matched_twice_in_a_group_is_refused() {
+        let (a, b) = (id_hash("a"), id_hash("b"));
+        let stored = encode(&[(a, 1), (b, 2)]);
+        let mut known = KnownIndex::from_stored(Some(&stored));
+        assert_eq!(known.lookup(0, a), Ok(Some(1)));
+        assert_eq!(known.lookup(1, a), Err(SeenTwice), "by entity");
+        assert_eq!(known.lookup(1, b), Ok(Some(2)));
+        assert_eq!(known.lookup(1, b), Err(SeenTwice), "in place");
     }
 
     #[test]

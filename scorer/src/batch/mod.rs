@@ -12,10 +12,22 @@
 //! generation, so publishing it (the operator flips the pointer as for any run) changes
 //! nothing for scorers. The trade-offs, by design: each prediction is replaced atomically,
 //! but a failed incremental run leaves a mix of new and previous predictions (each valid);
-//! unchanged predictions keep the TTL of the run that wrote them (run a full precompute
-//! more often than `batchTTL`); an entity gone from the input stays until that TTL. With
-//! nothing published yet, an incremental run is a full one. Unchanged rows are found
-//! through a per-row-group fingerprint index ([`index`]) rather than one read per entity.
+//! every bucket of the updated generation gets the batch TTL again when the run starts, so
+//! carried predictions live as long as written ones; an entity gone from the input stays
+//! until that TTL. With nothing published yet (or a published generation without a bucket
+//! count, written by an older release), an incremental run is a full one. Unchanged rows
+//! are found through a per-row-group fingerprint index ([`index`]) rather than one read per
+//! entity.
+//!
+//! **Layout.** Predictions live in hash buckets ([`millrace_crds::keys::BatchLayout`]); a
+//! full run sizes them from the whole input's row count, which every shard reads from the
+//! footers, and records the count under the generation (a shard that computes another count
+//! fails: the input changed during the run). An incremental run keeps its base's layout.
+//!
+//! **Retries.** Each shard counts its attempts under the generation. Only a full run's first
+//! attempt writes blind, expecting every field to be new; a retried shard (or a rerun of the
+//! same generation) reads each field before replacing it, so its own earlier predictions
+//! compare equal instead of passing for duplicates.
 //!
 //! Run by the operator's Indexed Job: the generation is the Job's name
 //! (`MILLRACE_GENERATION`), the shard count `MILLRACE_SHARDS`, the shard index Kubernetes'
@@ -33,9 +45,9 @@ pub mod writer;
 use std::sync::Arc;
 
 use clap::Args;
-use millrace_crds::keys::{Keyspace, now_ms};
+use millrace_crds::keys::{BatchLayout, Keyspace, bucket_count, now_ms};
 use millrace_crds::spec::duration;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::job::{JobArgs, JobError};
 use crate::model::{ModelError, SessionOptions};
@@ -66,8 +78,9 @@ pub struct BatchArgs {
     /// Read this URI instead of the config's `features.offline.uri`.
     #[arg(long, env = "MILLRACE_INPUT")]
     pub input: Option<String>,
-    /// Redis pipelines in flight while the next batch is scored.
-    #[arg(long, default_value_t = 8)]
+    /// Write windows (pipelines of up to 64Ki predictions) in flight while the next batch
+    /// is scored. Two keep Redis busy (one being answered, one queued); more only hold memory.
+    #[arg(long, default_value_t = 2)]
     pub writes_in_flight: usize,
     /// ONNX Runtime threads per inference (0: one per core). One by default: batches are
     /// large enough to keep one core busy, and the others go to decoding, encoding and Redis.
@@ -113,6 +126,34 @@ pub enum BatchError {
         file: String,
         /// Its row group.
         row_group: usize,
+    },
+    /// The input holds an entity twice, among these (the write saw a field of their bucket
+    /// taken but cannot say which).
+    #[error(
+        "{file}: row group {row_group}: one of the entities {ids:?}{} appears more than once in the input (or another process writes this generation); refusing to pick one",
+        if *more > 0 { format!(" (and {more} more of the same bucket)") } else { String::new() }
+    )]
+    DuplicateAmong {
+        /// The candidates.
+        ids: Vec<String>,
+        /// Candidates not listed.
+        more: usize,
+        /// The file of a row written with them.
+        file: String,
+        /// Its row group.
+        row_group: usize,
+    },
+    /// Shards of one run computed different bucket counts: the input changed during the run.
+    #[error(
+        "generation {generation} has {recorded} buckets but this shard computed {computed} from the input: did the input change while the run was going? Rerun under a new generation"
+    )]
+    Layout {
+        /// The generation.
+        generation: String,
+        /// The count another shard recorded.
+        recorded: u32,
+        /// This shard's count.
+        computed: u32,
     },
     /// Redis failed.
     #[error("redis ({during}): {source}")]
@@ -167,6 +208,76 @@ async fn published_generation(
     Ok(Some(aliased.unwrap_or(published)))
 }
 
+fn redis(during: &'static str) -> impl FnOnce(redis::RedisError) -> BatchError {
+    move |source| BatchError::Redis { during, source }
+}
+
+/// The bucket count `generation` recorded, if any.
+async fn recorded_buckets(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    generation: &str,
+) -> Result<Option<u32>, BatchError> {
+    let key = keyspace.bucket_count_key(generation);
+    writer
+        .command(&key, redis::cmd("GET").arg(&key))
+        .await
+        .map_err(redis("reading the generation's bucket count"))
+}
+
+/// Records `buckets` as `generation`'s bucket count, or checks it against the count an
+/// earlier shard recorded (every shard computes it from the same input).
+async fn record_buckets(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    generation: &str,
+    buckets: u32,
+    ttl_ms: u64,
+) -> Result<(), BatchError> {
+    let key = keyspace.bucket_count_key(generation);
+    let mut set = redis::cmd("SET");
+    set.arg(&key)
+        .arg(buckets)
+        .arg("PX")
+        .arg(ttl_ms)
+        .arg("NX")
+        .arg("GET");
+    let recorded: Option<u32> = writer
+        .command(&key, &set)
+        .await
+        .map_err(redis("recording the generation's bucket count"))?;
+    match recorded {
+        Some(recorded) if recorded != buckets => Err(BatchError::Layout {
+            generation: generation.to_string(),
+            recorded,
+            computed: buckets,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Counts this attempt of the shard: 1 for the first, more for a retried pod or a rerun.
+async fn count_attempt(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    generation: &str,
+    shard: usize,
+    ttl_ms: u64,
+) -> Result<i64, BatchError> {
+    let key = keyspace.shard_attempts(generation);
+    let mut count = redis::cmd("EVAL");
+    count
+        .arg("local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1); redis.call('PEXPIRE', KEYS[1], ARGV[2]); return n")
+        .arg(1)
+        .arg(&key)
+        .arg(shard)
+        .arg(ttl_ms);
+    writer
+        .command(&key, &count)
+        .await
+        .map_err(redis("counting the shard's attempts"))
+}
+
 /// Runs one shard.
 pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let config_error = |message: String| BatchError::Job(args.job.config_error(message));
@@ -214,11 +325,13 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let mut columns: Vec<&str> = vec![id_column.as_str()];
     columns.extend(config.model.inputs.iter().map(String::as_str));
     input.check_columns(&columns)?;
-    let units = shard::assign(&input.row_groups(), shards, args.shard_index);
+    let row_groups = input.row_groups();
+    let all_rows: u64 = row_groups.iter().flatten().sum();
+    let units = shard::assign(&row_groups, shards, args.shard_index);
     let total: u64 = units.iter().map(|u| u.rows).sum();
     info!(
         generation = %args.generation, shard = args.shard_index, shards, files = input.files.len(),
-        row_groups = units.len(), rows = total, %uri, "scoring this shard"
+        row_groups = units.len(), rows = total, input_rows = all_rows, %uri, "scoring this shard"
     );
 
     let writer = Arc::new(
@@ -232,11 +345,20 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let computed_at_ms = now_ms();
     let incremental = config.batch.as_ref().is_some_and(|b| b.incremental);
     // An incremental run updates the published generation in place (module docs).
-    let base = if incremental {
+    let mut base = if incremental {
         published_generation(&writer, &keyspace).await?
     } else {
         None
     };
+    // The generation updated in place keeps its buckets; a new one is sized to the input.
+    let mut base_buckets = None;
+    if let Some(published) = &base {
+        base_buckets = recorded_buckets(&writer, &keyspace, published).await?;
+        if base_buckets.is_none() {
+            warn!(%published, "the published generation records no bucket count (an older release wrote it, or it expired): this incremental run is a full one");
+            base = None;
+        }
+    }
     match (&base, incremental) {
         (Some(base), _) => {
             info!(%base, "incremental: updating the published generation in place; unchanged entities are carried")
@@ -245,6 +367,40 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         (None, false) => {}
     }
     let target = base.clone().unwrap_or_else(|| args.generation.clone());
+    let buckets = match base_buckets {
+        Some(buckets) => buckets,
+        None => {
+            let buckets = bucket_count(all_rows);
+            record_buckets(&writer, &keyspace, &target, buckets, ttl_ms).await?;
+            buckets
+        }
+    };
+    let layout: Arc<BatchLayout> = Arc::new(keyspace.batch_layout(&target, buckets));
+    let attempt = count_attempt(
+        &writer,
+        &keyspace,
+        &args.generation,
+        args.shard_index,
+        ttl_ms,
+    )
+    .await?;
+    // Only a full run's first attempt can expect every field to be new.
+    let fresh = base.is_none() && attempt == 1;
+    if base.is_some() {
+        // The predictions it carries live as long as those it writes; buckets found need
+        // no transaction for their TTL.
+        let missing = writer
+            .adopt_buckets(&layout)
+            .await
+            .map_err(redis("refreshing the TTL of carried predictions"))?;
+        if missing > 0 {
+            info!(
+                missing,
+                buckets = layout.buckets(),
+                "buckets of the updated generation were absent (empty or expired)"
+            );
+        }
+    }
     let mut scoring = Scoring::new(
         Arc::clone(&model),
         Arc::clone(&writer),
@@ -254,6 +410,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             keyspace: keyspace.clone(),
             generation: target.clone(),
         },
+        Arc::clone(&layout),
+        fresh,
     );
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
@@ -268,6 +426,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         batch_size,
         keyspace: keyspace.clone(),
         generation: target.clone(),
+        layout: Arc::clone(&layout),
         known: base.is_some().then(|| Arc::clone(&writer)),
     };
     let mut decoded = decode::start(plan, units, args.decoders);
@@ -286,6 +445,14 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     scoring.finish().await?;
     let (written, carried, settled) = (scoring.written, scoring.carried, scoring.settled);
     if let Some(base) = &base {
+        let count_key = keyspace.bucket_count_key(base);
+        let _: i64 = writer
+            .command(
+                &count_key,
+                redis::cmd("PEXPIRE").arg(&count_key).arg(ttl_ms),
+            )
+            .await
+            .map_err(redis("refreshing the TTL of carried predictions"))?;
         // Publishing this run's name must lead scorers to the generation it updated.
         let alias = keyspace.alias(&args.generation);
         writer

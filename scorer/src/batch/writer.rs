@@ -1,20 +1,24 @@
-//! Writes batch predictions to Redis: pipelined `SET key value PX ttl GET`, many pipelines
-//! in flight, and on Redis Cluster one pipeline per master (keys grouped by slot owner from
-//! `CLUSTER SLOTS`, refreshed and retried on `MOVED`).
+//! Writes batch predictions to Redis: each generation's predictions live in hash buckets
+//! ([`millrace_crds::keys::BatchLayout`]), so a window of predictions becomes one `HSET`
+//! per bucket with every field of that bucket in the window, pipelined; on Redis Cluster
+//! one pipeline per master (buckets grouped by slot owner from `CLUSTER SLOTS`, refreshed and
+//! retried on `MOVED`).
 //!
-//! `GET` returns what the key held before: a retried shard finds its own earlier value (the
-//! same prediction) and carries on, while a different prediction already under the same key
-//! of this generation means the input holds the entity twice with different features, which
-//! the caller turns into an error rather than let one of them win silently.
+//! **TTL.** A bucket's TTL is set with its first write of this process, in the same
+//! transaction (`MULTI`, `HSET`, `PEXPIRE`, `EXEC`), so no bucket ever exists without one,
+//! even if the process dies mid-pipeline. Later writes to the bucket are bare `HSET`s.
 //!
-//! Keys expected to be new (every key of a full run) are written with `SET … NX` instead
-//! ([`PredictionWriter::write_new`]): Redis does about a tenth less work than for `GET`, and
-//! only the rare key that already held a value is read back for the same comparison.
+//! **What was there before.** Each prediction says what its field should hold
+//! ([`Expect`]): a full run's first attempt expects every field to be new and checks
+//! `HSET`'s count of fields added (fewer means the input holds an entity twice, or another
+//! process writes the same generation), reported as [`Written::unexpected`]; a field to be
+//! compared is read with `HMGET` just before the `HSET`, in the same pipeline, and its old
+//! value returned; a field the fingerprint index vouches for is replaced without a read.
 
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use millrace_crds::keys::cluster_slot;
+use millrace_crds::keys::{BatchLayout, VALUE_V2_LEN, cluster_slot};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisError, Value};
 
@@ -36,6 +40,8 @@ async fn connect_to(info: redis::ConnectionInfo) -> Result<MultiplexedConnection
 pub struct PredictionWriter {
     target: Target,
     ttl_ms: u64,
+    /// Buckets this process has set the TTL of (one flag per bucket).
+    expiring: Mutex<Vec<bool>>,
 }
 
 enum Target {
@@ -53,16 +59,78 @@ struct Topology {
     owner: Vec<usize>,
 }
 
-/// What a key held before this write (`None` when it was absent).
+/// What a field or key held before (`None` when it was absent).
 pub type Previous = Option<Vec<u8>>;
 
-/// How a `SET` treats a key that already holds a value.
+/// One prediction to write: its bucket, its entity (the hash field), its encoded value and
+/// what the field should hold now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldWrite {
+    /// The bucket, from the generation's layout.
+    pub bucket: u32,
+    /// The entity id.
+    pub id: String,
+    /// The encoded prediction (held inline: a window holds tens of thousands).
+    pub value: [u8; VALUE_V2_LEN],
+    /// What the field should hold before this write.
+    pub expect: Expect,
+}
+
+/// What a field should hold before it is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SetMode {
-    /// Replace it and return it (`GET`).
-    ReturnPrevious,
-    /// Leave it (`NX`).
-    OnlyIfAbsent,
+pub enum Expect {
+    /// Nothing (a full run's first attempt): not read; a field found taken is reported.
+    Absent,
+    /// Unknown: read just before it is replaced, and the old value returned.
+    Read,
+    /// A value the caller knows about (from the fingerprint index): replaced unread.
+    Present,
+}
+
+/// What a write found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Per entry, the value it replaced (for [`Expect::Read`] entries; `None` otherwise).
+    pub previous: Vec<Previous>,
+    /// Entries written together with a field that was not where the write expected it (a
+    /// duplicate entity, or another writer in between). Which of them it was is not known:
+    /// every entry of the affected bucket is listed.
+    pub unexpected: Vec<usize>,
+}
+
+/// Buckets per pipeline: a window's commands are built and sent in parts of this many
+/// buckets (up to four commands each), so a window of one-field buckets (a large
+/// generation) does not hold a quarter-million command objects at once.
+const PIPELINE_BUCKETS: usize = 8_192;
+
+/// One bucket's part of a write.
+struct BucketWrite {
+    bucket: u32,
+    /// Its entries: `order[start..end]` of the [`Plan`].
+    start: usize,
+    end: usize,
+    /// Whether this write sets the bucket's TTL (wrapped in `MULTI`/`EXEC`).
+    first: bool,
+}
+
+/// A write grouped by bucket (no per-bucket allocation: a window of a large generation
+/// touches tens of thousands of buckets).
+struct Plan<'a> {
+    layout: &'a BatchLayout,
+    /// Entry indexes sorted by bucket.
+    order: Vec<usize>,
+    buckets: Vec<BucketWrite>,
+}
+
+impl Plan<'_> {
+    fn members(&self, b: usize) -> &[usize] {
+        let bucket = &self.buckets[b];
+        &self.order[bucket.start..bucket.end]
+    }
+
+    fn key(&self, b: usize) -> String {
+        self.layout.bucket_key(self.buckets[b].bucket)
+    }
 }
 
 impl PredictionWriter {
@@ -77,59 +145,28 @@ impl PredictionWriter {
         } else {
             Target::Single(connect_to(url.into_connection_info()?).await?)
         };
-        Ok(Self { target, ttl_ms })
+        Ok(Self {
+            target,
+            ttl_ms,
+            expiring: Mutex::new(Vec::new()),
+        })
     }
 
-    /// Writes `entries` (key, encoded value) and returns each key's previous value, in order.
-    pub async fn write(&self, entries: &[(String, Vec<u8>)]) -> Result<Vec<Previous>, RedisError> {
-        self.set(entries, SetMode::ReturnPrevious).await
-    }
-
-    /// Writes `entries` whose keys are expected to be absent, leaving any key that already
-    /// holds a value as it is; returns, in order, `None` for each key written and the value
-    /// found for each key that was not (the caller compares it as for [`Self::write`]).
-    pub async fn write_new(
+    /// Writes `entries` into `layout`'s buckets: one `HSET` per bucket (its first write
+    /// with the TTL, see the module docs).
+    pub async fn write(
         &self,
-        entries: &[(String, Vec<u8>)],
-    ) -> Result<Vec<Previous>, RedisError> {
-        let replies: Vec<Option<Value>> = self.set(entries, SetMode::OnlyIfAbsent).await?;
-        let taken: Vec<usize> = (0..entries.len())
-            .filter(|&i| replies[i].is_none())
-            .collect();
-        let mut out: Vec<Previous> = vec![None; entries.len()];
-        if taken.is_empty() {
-            return Ok(out);
-        }
-        let keys: Vec<String> = taken.iter().map(|&i| entries[i].0.clone()).collect();
-        let mut vanished = Vec::new();
-        for (&i, value) in taken.iter().zip(self.read(&keys).await?) {
-            match value {
-                Some(value) => out[i] = Some(value),
-                // Expired between the two commands: write it after all.
-                None => vanished.push(i),
-            }
-        }
-        if !vanished.is_empty() {
-            let retry: Vec<(String, Vec<u8>)> =
-                vanished.iter().map(|&i| entries[i].clone()).collect();
-            for (&i, previous) in vanished.iter().zip(self.write(&retry).await?) {
-                out[i] = previous;
-            }
-        }
-        Ok(out)
-    }
-
-    /// One `SET` per entry in `mode`; each reply in order (`GET`: the previous value; `NX`:
-    /// `OK` when written, nothing when the key was taken).
-    async fn set<V: redis::FromRedisValue + Clone + Send>(
-        &self,
-        entries: &[(String, Vec<u8>)],
-        mode: SetMode,
-    ) -> Result<Vec<Option<V>>, RedisError> {
+        layout: &BatchLayout,
+        entries: &[FieldWrite],
+    ) -> Result<Written, RedisError> {
+        let plan = self.plan(layout, entries);
         match &self.target {
             Target::Single(connection) => {
-                let pipe = self.pipeline(entries.iter(), mode);
-                pipe.query_async(&mut connection.clone()).await
+                let all: Vec<usize> = (0..plan.buckets.len()).collect();
+                let replies = self
+                    .send(connection.clone(), &plan, &all, entries, false)
+                    .await?;
+                Ok(read_replies(&plan, &all, replies, entries, false))
             }
             Target::Cluster { seed, topology } => {
                 let mut attempt = 0;
@@ -138,10 +175,15 @@ impl PredictionWriter {
                         .read()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .clone();
-                    match self.set_cluster(&current, entries, mode).await {
-                        Ok(previous) => return Ok(previous),
+                    // A retry reads fields expected absent first: part of the window may
+                    // already be in (our own values then compare equal).
+                    match self
+                        .write_cluster(&current, &plan, entries, attempt > 0)
+                        .await
+                    {
+                        Ok(written) => return Ok(written),
                         // The slots moved (resharding, failover): learn the new owners and
-                        // write the whole batch again; SET is idempotent.
+                        // write the whole window again.
                         Err(e) if attempt < 3 && is_redirect(&e) => {
                             attempt += 1;
                             let fresh = discover(seed).await?;
@@ -156,101 +198,272 @@ impl PredictionWriter {
         }
     }
 
-    /// Reads `keys` (one `MGET`; on a cluster, one pipeline of `GET`s per master).
-    pub async fn read(&self, keys: &[String]) -> Result<Vec<Previous>, RedisError> {
-        match &self.target {
-            Target::Single(connection) => {
-                redis::cmd("MGET")
-                    .arg(keys)
-                    .query_async(&mut connection.clone())
-                    .await
-            }
-            Target::Cluster { topology, .. } => {
-                let topology = topology
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); topology.nodes.len()];
-                for (i, key) in keys.iter().enumerate() {
-                    per_node[topology.owner[usize::from(cluster_slot(key.as_bytes()))]].push(i);
-                }
-                let reads = per_node
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, indexes)| !indexes.is_empty())
-                    .map(|(node, indexes)| {
-                        let mut pipe = redis::pipe();
-                        for &i in indexes {
-                            pipe.get(&keys[i]);
-                        }
-                        let mut connection = topology.nodes[node].clone();
-                        async move {
-                            let values: Vec<Previous> = pipe.query_async(&mut connection).await?;
-                            Ok::<_, RedisError>((indexes, values))
-                        }
-                    });
-                let mut out = vec![None; keys.len()];
-                for (indexes, values) in futures::future::try_join_all(reads).await? {
-                    for (&i, v) in indexes.iter().zip(values) {
-                        out[i] = v;
+    /// Groups `entries` by bucket, marking each bucket's first write of this process.
+    fn plan<'a>(&self, layout: &'a BatchLayout, entries: &[FieldWrite]) -> Plan<'a> {
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_unstable_by_key(|&i| entries[i].bucket);
+        let mut expiring = self
+            .expiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buckets: Vec<BucketWrite> = Vec::new();
+        for (at, &i) in order.iter().enumerate() {
+            let bucket = entries[i].bucket;
+            match buckets.last_mut() {
+                Some(last) if last.bucket == bucket => last.end = at + 1,
+                _ => {
+                    let slot = bucket as usize;
+                    if expiring.len() <= slot {
+                        expiring.resize(slot + 1, false);
                     }
+                    let first = !expiring[slot];
+                    expiring[slot] = true;
+                    buckets.push(BucketWrite {
+                        bucket,
+                        start: at,
+                        end: at + 1,
+                        first,
+                    });
                 }
-                Ok(out)
             }
+        }
+        Plan {
+            layout,
+            order,
+            buckets,
         }
     }
 
-    fn pipeline<'a>(
+    /// The commands of `which` buckets, in pipelines of at most [`PIPELINE_BUCKETS`]
+    /// buckets sent one after another; their replies, in order. `recheck`: read fields
+    /// expected absent too.
+    async fn send(
         &self,
-        entries: impl Iterator<Item = &'a (String, Vec<u8>)>,
-        mode: SetMode,
+        mut connection: MultiplexedConnection,
+        plan: &Plan<'_>,
+        which: &[usize],
+        entries: &[FieldWrite],
+        recheck: bool,
+    ) -> Result<Vec<Value>, RedisError> {
+        let mut replies = Vec::new();
+        for part in which.chunks(PIPELINE_BUCKETS) {
+            let pipe = self.pipeline(plan, part, entries, recheck);
+            let part_replies: Vec<Value> = pipe.query_async(&mut connection).await?;
+            replies.extend(part_replies);
+        }
+        Ok(replies)
+    }
+
+    fn pipeline(
+        &self,
+        plan: &Plan<'_>,
+        which: &[usize],
+        entries: &[FieldWrite],
+        recheck: bool,
     ) -> redis::Pipeline {
-        let option = match mode {
-            SetMode::ReturnPrevious => "GET",
-            SetMode::OnlyIfAbsent => "NX",
-        };
         let mut pipe = redis::pipe();
-        for (key, value) in entries {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(value.as_slice())
-                .arg("PX")
-                .arg(self.ttl_ms)
-                .arg(option);
+        for &b in which {
+            let first = plan.buckets[b].first;
+            let key = plan.key(b);
+            let members = plan.members(b);
+            let mut read = members
+                .iter()
+                .filter(|&&i| reads(entries[i].expect, recheck))
+                .peekable();
+            if read.peek().is_some() {
+                let hmget = pipe.cmd("HMGET").arg(&key);
+                for &i in read {
+                    hmget.arg(&entries[i].id);
+                }
+            }
+            if first {
+                pipe.cmd("MULTI");
+            }
+            let set = pipe.cmd("HSET").arg(&key);
+            for &i in members {
+                set.arg(&entries[i].id).arg(entries[i].value.as_slice());
+            }
+            if first {
+                pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms);
+                pipe.cmd("EXEC");
+            }
         }
         pipe
     }
 
-    async fn set_cluster<V: redis::FromRedisValue + Clone + Send>(
+    async fn write_cluster(
         &self,
         topology: &Topology,
-        entries: &[(String, Vec<u8>)],
-        mode: SetMode,
-    ) -> Result<Vec<Option<V>>, RedisError> {
+        plan: &Plan<'_>,
+        entries: &[FieldWrite],
+        recheck: bool,
+    ) -> Result<Written, RedisError> {
         let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); topology.nodes.len()];
-        for (i, (key, _)) in entries.iter().enumerate() {
-            let node = topology.owner[usize::from(cluster_slot(key.as_bytes()))];
-            per_node[node].push(i);
+        for b in 0..plan.buckets.len() {
+            per_node[topology.owner[usize::from(cluster_slot(plan.key(b).as_bytes()))]].push(b);
         }
         let writes = per_node
             .iter()
             .enumerate()
-            .filter(|(_, indexes)| !indexes.is_empty())
-            .map(|(node, indexes)| {
-                let pipe = self.pipeline(indexes.iter().map(|&i| &entries[i]), mode);
-                let mut connection = topology.nodes[node].clone();
+            .filter(|(_, which)| !which.is_empty())
+            .map(|(node, which)| {
+                let connection = topology.nodes[node].clone();
                 async move {
-                    let previous: Vec<Option<V>> = pipe.query_async(&mut connection).await?;
-                    Ok::<_, RedisError>((indexes, previous))
+                    let replies = self.send(connection, plan, which, entries, recheck).await?;
+                    Ok::<_, RedisError>(read_replies(plan, which, replies, entries, recheck))
                 }
             });
+        let mut out = Written {
+            previous: vec![None; entries.len()],
+            unexpected: Vec::new(),
+        };
+        for written in futures::future::try_join_all(writes).await? {
+            for (slot, previous) in out.previous.iter_mut().zip(written.previous) {
+                if previous.is_some() {
+                    *slot = previous;
+                }
+            }
+            out.unexpected.extend(written.unexpected);
+        }
+        Ok(out)
+    }
+
+    /// Sets the batch TTL again on every bucket of `layout` (an incremental run, so the
+    /// predictions it carries live as long as those it writes). Buckets found are marked as
+    /// having their TTL, so their writes need no transaction; returns how many were missing.
+    pub async fn adopt_buckets(&self, layout: &BatchLayout) -> Result<u32, RedisError> {
+        let mut missing = 0;
+        let all: Vec<u32> = (0..layout.buckets()).collect();
+        for chunk in all.chunks(4096) {
+            let keys: Vec<String> = chunk.iter().map(|&b| layout.bucket_key(b)).collect();
+            let replies = self
+                .per_node(&keys, |pipe, i| {
+                    pipe.cmd("PEXPIRE").arg(&keys[i]).arg(self.ttl_ms);
+                })
+                .await?;
+            let mut expiring = self
+                .expiring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (&bucket, reply) in chunk.iter().zip(replies) {
+                let slot = bucket as usize;
+                if expiring.len() <= slot {
+                    expiring.resize(slot + 1, false);
+                }
+                if as_int(&reply) == Some(1) {
+                    expiring[slot] = true;
+                } else {
+                    missing += 1;
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Reads the stored values of `fields` (bucket, entity id) of `layout`: one `HMGET` per
+    /// bucket, pipelined (on a cluster, one pipeline per master).
+    pub async fn read_fields(
+        &self,
+        layout: &BatchLayout,
+        fields: &[(u32, String)],
+    ) -> Result<Vec<Previous>, RedisError> {
+        let entries: Vec<FieldWrite> = fields
+            .iter()
+            .map(|(bucket, id)| FieldWrite {
+                bucket: *bucket,
+                id: id.clone(),
+                value: [0; VALUE_V2_LEN],
+                expect: Expect::Read,
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_unstable_by_key(|&i| entries[i].bucket);
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for i in order {
+            match groups.last_mut() {
+                Some((_, members)) if entries[members[0]].bucket == entries[i].bucket => {
+                    members.push(i)
+                }
+                _ => groups.push((layout.bucket_key(entries[i].bucket), vec![i])),
+            }
+        }
+        let keys: Vec<String> = groups.iter().map(|(key, _)| key.clone()).collect();
+        let replies = self
+            .per_node(&keys, |pipe, g| {
+                let (key, members) = &groups[g];
+                let read = pipe.cmd("HMGET").arg(key);
+                for &i in members {
+                    read.arg(&entries[i].id);
+                }
+            })
+            .await?;
         let mut out = vec![None; entries.len()];
-        for (indexes, previous) in futures::future::try_join_all(writes).await? {
-            for (&i, p) in indexes.iter().zip(previous) {
-                out[i] = p;
+        for ((_, members), reply) in groups.iter().zip(replies) {
+            let values: Vec<Previous> = redis::from_redis_value(reply)?;
+            for (&i, value) in members.iter().zip(values) {
+                out[i] = value;
             }
         }
         Ok(out)
+    }
+
+    /// Runs one command per key (built by `add` from the key's index) in one pipeline per
+    /// node owning them; the replies in the order of `keys`.
+    async fn per_node(
+        &self,
+        keys: &[String],
+        add: impl Fn(&mut redis::Pipeline, usize),
+    ) -> Result<Vec<Value>, RedisError> {
+        let (nodes, owner_of): (Vec<MultiplexedConnection>, Vec<usize>) = match &self.target {
+            Target::Single(connection) => (vec![connection.clone()], vec![0; keys.len()]),
+            Target::Cluster { topology, .. } => {
+                let topology = topology
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let owners = keys
+                    .iter()
+                    .map(|k| topology.owner[usize::from(cluster_slot(k.as_bytes()))])
+                    .collect();
+                (topology.nodes.clone(), owners)
+            }
+        };
+        let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+        for (i, &node) in owner_of.iter().enumerate() {
+            per_node[node].push(i);
+        }
+        let calls = per_node
+            .iter()
+            .enumerate()
+            .filter(|(_, which)| !which.is_empty())
+            .map(|(node, which)| {
+                let mut pipe = redis::pipe();
+                for &i in which {
+                    add(&mut pipe, i);
+                }
+                let mut connection = nodes[node].clone();
+                async move {
+                    let replies: Vec<Value> = pipe.query_async(&mut connection).await?;
+                    Ok::<_, RedisError>((which, replies))
+                }
+            });
+        let mut out = vec![Value::Nil; keys.len()];
+        for (which, replies) in futures::future::try_join_all(calls).await? {
+            for (&i, reply) in which.iter().zip(replies) {
+                out[i] = reply;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads `keys` (one pipeline of `GET`s per node owning them).
+    pub async fn read(&self, keys: &[String]) -> Result<Vec<Previous>, RedisError> {
+        self.per_node(keys, |pipe, i| {
+            pipe.get(&keys[i]);
+        })
+        .await?
+        .into_iter()
+        .map(|value| Ok(redis::from_redis_value(value)?))
+        .collect()
     }
 
     /// Sets `key` to `value` with the batch TTL (an index or a generation's bookkeeping,
@@ -281,6 +494,71 @@ impl PredictionWriter {
             }
         };
         cmd.query_async(&mut connection).await
+    }
+}
+
+/// Whether a field expected `expect` is read before it is written.
+fn reads(expect: Expect, recheck: bool) -> bool {
+    expect == Expect::Read || (recheck && expect == Expect::Absent)
+}
+
+/// Reads the replies of `which` buckets' commands (in the order [`PredictionWriter::send`]
+/// queued them) into what the write found.
+fn read_replies(
+    plan: &Plan<'_>,
+    which: &[usize],
+    replies: Vec<Value>,
+    entries: &[FieldWrite],
+    recheck: bool,
+) -> Written {
+    let mut out = Written {
+        previous: vec![None; entries.len()],
+        unexpected: Vec::new(),
+    };
+    let mut replies = replies.into_iter();
+    for &b in which {
+        let members = plan.members(b);
+        let read: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| reads(entries[i].expect, recheck))
+            .collect();
+        // Fields that must be added: those expected absent, and those read absent.
+        let mut must_add = members
+            .iter()
+            .filter(|&&i| entries[i].expect == Expect::Absent && !recheck)
+            .count();
+        if !read.is_empty() {
+            let values: Vec<Previous> = replies
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default();
+            must_add += values.iter().filter(|v| v.is_none()).count();
+            for (&i, value) in read.iter().zip(values) {
+                out.previous[i] = value;
+            }
+        }
+        let added = if plan.buckets[b].first {
+            // OK, QUEUED, QUEUED, then EXEC's [HSET's count, PEXPIRE's 1].
+            match replies.nth(3) {
+                Some(Value::Array(results)) => results.first().and_then(as_int),
+                _ => None,
+            }
+        } else {
+            replies.next().as_ref().and_then(as_int)
+        };
+        // A field replaced unread may have been absent (evicted) and add one more.
+        if added.is_none_or(|added| added < must_add as i64) {
+            out.unexpected.extend(members.iter().copied());
+        }
+    }
+    out
+}
+
+fn as_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        _ => None,
     }
 }
 

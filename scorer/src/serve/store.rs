@@ -1,5 +1,5 @@
-//! The Redis tier: cached predictions (the serving batch generation and the real-time key in
-//! one round trip), the online feature store, real-time write-backs, the serving pointer and
+//! The Redis tier: cached predictions (the serving batch generation's bucket field and the
+//! real-time key in one round trip), the online feature store, real-time write-backs, the serving pointer and
 //! the traffic windows the autoscaler reads.
 //!
 //! Every call goes through the circuit breaker and carries a deadline, so a Redis that is
@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use millrace_crds::keys::{CachedPrediction, Keyspace};
+use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace};
 use millrace_crds::traffic::TrafficWindow;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -57,6 +57,55 @@ impl Connection {
         };
         Ok(redis::from_redis_value(value)?)
     }
+
+    /// `GET realtime` and, when there is one, `HGET bucket id`, in one round trip: one
+    /// pipeline on a single Redis; on a cluster (the two keys live in different slots) two
+    /// commands sent at once.
+    async fn cached(
+        &mut self,
+        realtime: String,
+        batch: Option<(String, String)>,
+    ) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
+        match self {
+            Connection::Single(c) => {
+                let mut pipe = redis::pipe();
+                pipe.get(realtime);
+                if let Some((key, field)) = batch {
+                    pipe.hget(key, field);
+                }
+                pipe.query_async(c).await
+            }
+            Connection::Cluster(c) => {
+                let mut rt_connection = c.clone();
+                let rt = async move {
+                    redis::cmd("GET")
+                        .arg(realtime)
+                        .query_async::<Option<Vec<u8>>>(&mut rt_connection)
+                        .await
+                };
+                let mut batch_connection = c.clone();
+                let batch = async move {
+                    match batch {
+                        Some((key, field)) => redis::cmd("HGET")
+                            .arg(key)
+                            .arg(field)
+                            .query_async::<Option<Vec<u8>>>(&mut batch_connection)
+                            .await
+                            .map(Some),
+                        None => Ok(None),
+                    }
+                };
+                let (rt, batch) = tokio::try_join!(rt, batch)?;
+                Ok(std::iter::once(rt).chain(batch).collect())
+            }
+        }
+    }
+}
+
+/// The published generation scorers read, and where its predictions are.
+struct Serving {
+    generation: Arc<str>,
+    layout: Arc<BatchLayout>,
 }
 
 /// What one lookup found for an entity.
@@ -76,7 +125,7 @@ pub struct RedisTier {
     connection: Mutex<Option<Connection>>,
     connecting: tokio::sync::Mutex<()>,
     breaker: CircuitBreaker,
-    generation: RwLock<Option<Arc<str>>>,
+    serving: RwLock<Option<Serving>>,
     metrics: Arc<Metrics>,
 }
 
@@ -96,7 +145,7 @@ impl RedisTier {
             connection: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             breaker: CircuitBreaker::new(breaker),
-            generation: RwLock::new(None),
+            serving: RwLock::new(None),
             metrics,
         }
     }
@@ -145,13 +194,30 @@ impl RedisTier {
         cmd: &Cmd,
         timeout: Duration,
     ) -> Result<T, TierError> {
+        self.guarded(operation, timeout, |mut connection| async move {
+            connection.query::<T>(cmd).await
+        })
+        .await
+    }
+
+    /// Runs `work` on the connection through the breaker within `timeout`.
+    async fn guarded<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        timeout: Duration,
+        work: F,
+    ) -> Result<T, TierError>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
         if !self.breaker.allow(Instant::now()) {
             self.publish_circuit();
             return Err(TierError::CircuitOpen);
         }
         let attempt = async {
-            let mut connection = self.connection().await?;
-            connection.query::<T>(cmd).await
+            let connection = self.connection().await?;
+            work(connection).await
         };
         let result = match tokio::time::timeout(timeout.min(CALL_CEILING), attempt).await {
             Ok(Ok(value)) => Ok(value),
@@ -190,15 +256,26 @@ impl RedisTier {
 
     /// The batch generation scorers currently read, if one is published.
     pub fn generation(&self) -> Option<Arc<str>> {
-        self.generation
+        self.serving
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|s| Arc::clone(&s.generation))
+    }
+
+    fn layout(&self) -> Option<Arc<BatchLayout>> {
+        self.serving
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|s| Arc::clone(&s.layout))
     }
 
     /// Reads the serving pointer (and, when it names an incremental run, the generation
-    /// that run updated in place). A failure keeps the last known generation: Redis being
-    /// briefly away must not make every batch prediction a miss.
+    /// that run updated in place) and that generation's bucket count. A failure keeps the
+    /// last known generation: Redis being briefly away must not make every batch prediction
+    /// a miss. A generation without a bucket count (written by an older release) is not
+    /// read: its entities are computed in real time until the next run.
     pub async fn refresh_generation(&self) -> Result<Option<Arc<str>>, TierError> {
         let pointer: Option<String> = self
             .call(
@@ -220,29 +297,59 @@ impl RedisTier {
             }
             None => None,
         };
-        let generation = resolved.map(Arc::<str>::from);
+        let serving = match resolved {
+            Some(generation) => {
+                let buckets: Option<u32> = self
+                    .call(
+                        "generation",
+                        redis::cmd("GET").arg(self.keyspace.bucket_count_key(&generation)),
+                        CALL_CEILING,
+                    )
+                    .await?;
+                match buckets {
+                    Some(buckets) => Some(Serving {
+                        layout: Arc::new(self.keyspace.batch_layout(&generation, buckets)),
+                        generation: Arc::from(generation),
+                    }),
+                    None => {
+                        warn!(%generation, "the published generation records no bucket count: not reading it");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let generation = serving.as_ref().map(|s| Arc::clone(&s.generation));
         let mut current = self
-            .generation
+            .serving
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *current != generation {
+        let changed = current
+            .as_ref()
+            .map(|s| (&s.generation, s.layout.buckets()))
+            != serving
+                .as_ref()
+                .map(|s| (&s.generation, s.layout.buckets()));
+        if changed {
             info!(generation = ?generation.as_deref(), "serving batch generation changed");
-            *current = generation.clone();
+            *current = serving;
         }
         Ok(generation)
     }
 
-    /// One round trip for `id`: the serving generation's batch prediction and the real-time
-    /// one (same hash tag, so one `MGET` even on Redis Cluster). Undecodable values count as
-    /// absent, never as predictions.
+    /// One round trip for `id`: the serving generation's batch prediction (a field of its
+    /// bucket) and the real-time one. Undecodable values count as absent, never as
+    /// predictions.
     pub async fn lookup(&self, id: &str, timeout: Duration) -> Result<Found, TierError> {
-        let generation = self.generation();
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(self.keyspace.realtime(id));
-        if let Some(generation) = &generation {
-            cmd.arg(self.keyspace.batch(generation, id));
-        }
-        let values: Vec<Option<Vec<u8>>> = self.call("lookup", &cmd, timeout).await?;
+        let realtime = self.keyspace.realtime(id);
+        let batch = self
+            .layout()
+            .map(|layout| (layout.key_of(id), id.to_string()));
+        let values: Vec<Option<Vec<u8>>> = self
+            .guarded("lookup", timeout, |mut connection| async move {
+                connection.cached(realtime, batch).await
+            })
+            .await?;
         let decode = |value: Option<&Option<Vec<u8>>>| {
             let bytes = value?.as_ref()?;
             match CachedPrediction::decode(bytes) {
