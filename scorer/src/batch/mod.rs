@@ -314,12 +314,14 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let ttl_ms = ttl.as_millis().max(1) as u64;
     let keyspace = config.keyspace();
 
-    let model = Arc::new(args.job.load_model(
-        &config,
-        SessionOptions {
+    // The model loads (tens of milliseconds) while the input is listed and decoding starts.
+    let loading = {
+        let (job, config) = (args.job.clone(), config.clone());
+        let options = SessionOptions {
             intra_op_threads: (args.inference_threads > 0).then_some(args.inference_threads),
-        },
-    )?);
+        };
+        tokio::task::spawn_blocking(move || job.load_model(&config, options))
+    };
 
     let input = Input::open(&uri).await?;
     let mut columns: Vec<&str> = vec![id_column.as_str()];
@@ -386,33 +388,13 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     .await?;
     // Only a full run's first attempt can expect every field to be new.
     let fresh = base.is_none() && attempt == 1;
-    if base.is_some() {
-        // The predictions it carries live as long as those it writes; buckets found need
-        // no transaction for their TTL.
-        let missing = writer
-            .adopt_buckets(&layout)
-            .await
-            .map_err(redis("refreshing the TTL of carried predictions"))?;
-        if missing > 0 {
-            info!(
-                missing,
-                buckets = layout.buckets(),
-                "buckets of the updated generation were absent (empty or expired)"
-            );
-        }
-    }
-    let mut scoring = Scoring::new(
-        Arc::clone(&model),
-        Arc::clone(&writer),
-        args.writes_in_flight,
-        computed_at_ms,
-        IndexPlace {
-            keyspace: keyspace.clone(),
-            generation: target.clone(),
-        },
-        Arc::clone(&layout),
-        fresh,
-    );
+    // An incremental run: the predictions it carries live as long as those it writes, and
+    // buckets found need no transaction for their TTL (done while decoding starts; the first
+    // write waits for it).
+    let adopting = base.is_some().then(|| {
+        let (writer, layout) = (Arc::clone(&writer), Arc::clone(&layout));
+        tokio::spawn(async move { writer.adopt_buckets(&layout).await })
+    });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
     let missing = config.features.missing.clone();
@@ -430,6 +412,26 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         known: base.is_some().then(|| Arc::clone(&writer)),
     };
     let mut decoded = decode::start(plan, units, args.decoders);
+    let model = Arc::new(
+        loading
+            .await
+            .map_err(|e| ModelError::Run(format!("the model loading task failed: {e}")))??,
+    );
+    let mut scoring = Scoring::new(
+        model,
+        Arc::clone(&writer),
+        args.writes_in_flight,
+        computed_at_ms,
+        IndexPlace {
+            keyspace: keyspace.clone(),
+            generation: target.clone(),
+        },
+        Arc::clone(&layout),
+        fresh,
+    );
+    if let Some(refresh) = adopting {
+        scoring.after_ttl_refresh(refresh);
+    }
     while let Some(message) = decoded.recv().await {
         match message? {
             decode::Decoded::Batch(batch) => {

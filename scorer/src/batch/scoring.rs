@@ -85,6 +85,8 @@ pub struct Scoring {
     layout: Arc<BatchLayout>,
     /// A full run's first attempt: every field is expected new.
     fresh: bool,
+    /// The TTL refresh of the updated generation's buckets, awaited before the first write.
+    adopting: Option<JoinHandle<Result<u32, RedisError>>>,
     writes: JoinSet<Result<WriteDone, BatchError>>,
     index: IndexPlace,
     gate: IndexGate,
@@ -117,6 +119,7 @@ impl Scoring {
             window: Window::default(),
             layout,
             fresh,
+            adopting: None,
             writes: JoinSet::new(),
             index,
             gate: IndexGate::default(),
@@ -172,6 +175,7 @@ impl Scoring {
             self.score(oldest).await?;
         }
         self.flush().await?;
+        self.adopted().await?;
         while let Some(done) = self.writes.join_next().await {
             self.count(done)?;
         }
@@ -310,11 +314,40 @@ impl Scoring {
         Ok(())
     }
 
+    /// Makes the first write wait for `refresh`, the TTL refresh of an incremental run's
+    /// buckets (so buckets it finds need no transaction), and the run fail if it fails.
+    pub fn after_ttl_refresh(&mut self, refresh: JoinHandle<Result<u32, RedisError>>) {
+        self.adopting = Some(refresh);
+    }
+
+    /// Waits for the TTL refresh of an incremental run's buckets, if still under way.
+    async fn adopted(&mut self) -> Result<(), BatchError> {
+        let Some(adopting) = self.adopting.take() else {
+            return Ok(());
+        };
+        let missing = adopting
+            .await
+            .map_err(|e| ModelError::Run(format!("the TTL refresh task failed: {e}")))?
+            .map_err(|source| BatchError::Redis {
+                during: "refreshing the TTL of carried predictions",
+                source,
+            })?;
+        if missing > 0 {
+            tracing::info!(
+                missing,
+                buckets = self.layout.buckets(),
+                "buckets of the updated generation were absent (empty or expired)"
+            );
+        }
+        Ok(())
+    }
+
     /// Hands the window to a write task (waiting while too many are in flight).
     async fn flush(&mut self) -> Result<(), BatchError> {
         if self.window.sources.is_empty() {
             return Ok(());
         }
+        self.adopted().await?;
         let window = std::mem::take(&mut self.window);
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
