@@ -374,7 +374,7 @@ fn main() {
         .query(&mut conn)
         .expect("publish");
     println!(
-        "{:<28}{:>14}{:>12}{:>16}{:>14}{:>18}",
+        "{:<28}{:>14}{:>12}{:>16}{:>14}{:>20}",
         "", "predictions/s", "seconds", "% of SET ceil.", "peak RSS MiB", "Redis B/prediction"
     );
     for (name, rate, time, rss, memory) in [
@@ -394,7 +394,7 @@ fn main() {
         ),
     ] {
         println!(
-            "{name:<28}{rate:>14.0}{:>12.1}{:>15.0}%{rss:>14}{:>18.0}",
+            "{name:<28}{rate:>14.0}{:>12.1}{:>15.0}%{rss:>14}{:>20.0}",
             time.as_secs_f64(),
             100.0 * rate / set_ceiling,
             memory as f64 / entities as f64
