@@ -460,6 +460,50 @@ pub fn conflicts(was: Option<&[u8]>, expected: &Expected, value: &[u8]) -> bool 
 mod tests {
     use super::*;
 
+    fn window(ids: &[&str]) -> Window {
+        let written = CachedPrediction {
+            value: 0.5,
+            computed_at_ms: 1,
+        }
+        .encode_with_fingerprint(9);
+        Window {
+            writes: ids
+                .iter()
+                .map(|id| FieldWrite {
+                    bucket: 0,
+                    id: id.to_string(),
+                    value: written,
+                    expect: Expect::Absent,
+                })
+                .collect(),
+            expected: vec![Expected::Value(None); ids.len()],
+            source: vec![0; ids.len()],
+            sources: vec![("day.parquet".into(), (0, 3))],
+        }
+    }
+
+    #[test]
+    fn a_duplicate_is_named_exactly_when_the_window_tells() {
+        let twice = window(&["a", "b", "a"]);
+        let error = duplicate(&twice, &[0, 1, 2], &[None, None, None]).map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("entity \"a\"") && e.contains("row group 3")),
+            "{error:?}"
+        );
+        // Taken by a row outside the window: the bucket's entities are the candidates.
+        let among = window(&["c", "d"]);
+        let error = duplicate(&among, &[0, 1], &[None, None]).map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("[\"c\", \"d\"]")),
+            "{error:?}"
+        );
+        assert!(duplicate(&among, &[], &[None, None]).is_none());
+    }
+
     fn value(v: f32, at: u64) -> Vec<u8> {
         CachedPrediction {
             value: v,

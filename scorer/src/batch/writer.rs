@@ -635,3 +635,98 @@ fn protocol(message: &'static str) -> RedisError {
         message.to_string(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use millrace_crds::keys::Keyspace;
+
+    fn entry(bucket: u32, id: &str, expect: Expect) -> FieldWrite {
+        FieldWrite {
+            bucket,
+            id: id.to_string(),
+            value: [7; VALUE_V2_LEN],
+            expect,
+        }
+    }
+
+    /// A plan of one bucket holding every entry, its first write or not.
+    fn one_bucket<'a>(layout: &'a BatchLayout, entries: usize, first: bool) -> Plan<'a> {
+        Plan {
+            layout,
+            order: (0..entries).collect(),
+            buckets: vec![BucketWrite {
+                bucket: 0,
+                start: 0,
+                end: entries,
+                first,
+            }],
+        }
+    }
+
+    fn exec(added: i64) -> Vec<Value> {
+        vec![
+            Value::Okay,
+            Value::SimpleString("QUEUED".into()),
+            Value::SimpleString("QUEUED".into()),
+            Value::Array(vec![Value::Int(added), Value::Int(1)]),
+        ]
+    }
+
+    #[test]
+    fn a_first_write_reads_its_count_from_exec_and_a_short_count_is_reported() {
+        let layout = Keyspace::new("ml/churn", "3").batch_layout("G", 4);
+        let entries = vec![entry(0, "a", Expect::Absent), entry(0, "b", Expect::Absent)];
+        let plan = one_bucket(&layout, 2, true);
+        let ok = read_replies(&plan, &[0], exec(2), &entries, false);
+        assert!(ok.unexpected.is_empty());
+        let short = read_replies(&plan, &[0], exec(1), &entries, false);
+        assert_eq!(
+            short.unexpected,
+            vec![0, 1],
+            "one field was taken: which is unknown"
+        );
+    }
+
+    #[test]
+    fn read_fields_return_what_they_replaced_and_count_only_what_was_absent() {
+        let layout = Keyspace::new("ml/churn", "3").batch_layout("G", 4);
+        let entries = vec![
+            entry(0, "new", Expect::Read),
+            entry(0, "old", Expect::Read),
+            entry(0, "vouched", Expect::Present),
+        ];
+        let plan = one_bucket(&layout, 3, false);
+        let hmget = Value::Array(vec![Value::Nil, Value::BulkString(b"was".to_vec())]);
+        // HSET adds "new" and, had it been evicted, "vouched" too: both are fine.
+        for added in [1, 2] {
+            let written = read_replies(
+                &plan,
+                &[0],
+                vec![hmget.clone(), Value::Int(added)],
+                &entries,
+                false,
+            );
+            assert_eq!(written.previous, vec![None, Some(b"was".to_vec()), None]);
+            assert!(written.unexpected.is_empty(), "added {added}");
+        }
+        // "new" was absent when read and taken when written: another writer came between.
+        let raced = read_replies(&plan, &[0], vec![hmget, Value::Int(0)], &entries, false);
+        assert_eq!(raced.unexpected, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_retried_window_reads_the_fields_it_expected_absent() {
+        let layout = Keyspace::new("ml/churn", "3").batch_layout("G", 4);
+        let entries = vec![entry(0, "a", Expect::Absent)];
+        let plan = one_bucket(&layout, 1, true);
+        let mut replies = vec![Value::Array(vec![Value::BulkString(b"mine".to_vec())])];
+        replies.extend(exec(0));
+        let written = read_replies(&plan, &[0], replies, &entries, true);
+        assert_eq!(written.previous, vec![Some(b"mine".to_vec())]);
+        assert!(
+            written.unexpected.is_empty(),
+            "its own earlier write, compared by the caller"
+        );
+    }
+}
