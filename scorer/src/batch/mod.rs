@@ -393,7 +393,9 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     // write waits for it).
     let adopting = base.is_some().then(|| {
         let (writer, layout) = (Arc::clone(&writer), Arc::clone(&layout));
-        tokio::spawn(async move { writer.adopt_buckets(&layout).await })
+        let (shard, of) = (args.shard_index as u32, shards as u32);
+        let share = (0..layout.buckets()).filter(move |b| b % of == shard);
+        tokio::spawn(async move { writer.adopt_buckets(&layout, share).await })
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
