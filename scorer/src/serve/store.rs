@@ -1,6 +1,6 @@
 //! The Redis tier: cached predictions (the serving batch generation's bucket field and the
-//! real-time key in one round trip), the online feature store, real-time write-backs, the serving pointer and
-//! the traffic windows the autoscaler reads.
+//! real-time key in one round trip), the online feature store, real-time write-backs, the
+//! serving pointer and the traffic windows the autoscaler reads.
 //!
 //! Every call goes through the circuit breaker and carries a deadline, so a Redis that is
 //! down or slow costs a request at most its share of the latency budget, and nothing while
