@@ -240,13 +240,7 @@ impl Scoring {
         // Rows the index did not know: compared with the fingerprint in their stored value.
         let mut unchanged = vec![false; ids.len()];
         if let Some((unknown, read)) = reading {
-            let values = read
-                .await
-                .map_err(|e| ModelError::Run(format!("a read task failed: {e}")))?
-                .map_err(|source| BatchError::Redis {
-                    during: "reading the published predictions",
-                    source,
-                })?;
+            let values = joined(read, "reading the published predictions").await?;
             for (i, value) in unknown.into_iter().zip(values) {
                 unchanged[i] = value.as_deref().and_then(CachedPrediction::fingerprint)
                     == Some(fingerprints[i]);
@@ -325,13 +319,7 @@ impl Scoring {
         let Some(adopting) = self.adopting.take() else {
             return Ok(());
         };
-        let missing = adopting
-            .await
-            .map_err(|e| ModelError::Run(format!("the TTL refresh task failed: {e}")))?
-            .map_err(|source| BatchError::Redis {
-                during: "refreshing the TTL of carried predictions",
-                source,
-            })?;
+        let missing = joined(adopting, "refreshing the TTL of carried predictions").await?;
         if missing > 0 {
             tracing::info!(
                 missing,
@@ -372,6 +360,16 @@ impl Scoring {
         });
         Ok(())
     }
+}
+
+/// The result of a Redis task spawned `during` something.
+async fn joined<T>(
+    task: JoinHandle<Result<T, RedisError>>,
+    during: &'static str,
+) -> Result<T, BatchError> {
+    task.await
+        .map_err(|e| ModelError::Run(format!("a task {during} failed: {e}")))?
+        .map_err(|source| BatchError::Redis { during, source })
 }
 
 /// Most entity ids a duplicate error lists.

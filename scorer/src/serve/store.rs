@@ -254,6 +254,12 @@ impl RedisTier {
         self.metrics.circuit(self.breaker.state());
     }
 
+    /// `GET key`, as part of finding the serving generation.
+    async fn get<T: FromRedisValue>(&self, key: String) -> Result<Option<T>, TierError> {
+        self.call("generation", redis::cmd("GET").arg(key), CALL_CEILING)
+            .await
+    }
+
     /// The batch generation scorers currently read, if one is published.
     pub fn generation(&self) -> Option<Arc<str>> {
         self.serving
@@ -277,22 +283,10 @@ impl RedisTier {
     /// a miss. A generation without a bucket count (written by an older release) is not
     /// read: its entities are computed in real time until the next run.
     pub async fn refresh_generation(&self) -> Result<Option<Arc<str>>, TierError> {
-        let pointer: Option<String> = self
-            .call(
-                "generation",
-                redis::cmd("GET").arg(self.keyspace.serving_pointer()),
-                CALL_CEILING,
-            )
-            .await?;
+        let pointer: Option<String> = self.get(self.keyspace.serving_pointer()).await?;
         let resolved = match pointer {
             Some(published) => {
-                let alias: Option<String> = self
-                    .call(
-                        "generation",
-                        redis::cmd("GET").arg(self.keyspace.alias(&published)),
-                        CALL_CEILING,
-                    )
-                    .await?;
+                let alias: Option<String> = self.get(self.keyspace.alias(&published)).await?;
                 Some(alias.unwrap_or(published))
             }
             None => None,
@@ -300,11 +294,7 @@ impl RedisTier {
         let serving = match resolved {
             Some(generation) => {
                 let buckets: Option<u32> = self
-                    .call(
-                        "generation",
-                        redis::cmd("GET").arg(self.keyspace.bucket_count_key(&generation)),
-                        CALL_CEILING,
-                    )
+                    .get(self.keyspace.bucket_count_key(&generation))
                     .await?;
                 match buckets {
                     Some(buckets) => Some(Serving {
