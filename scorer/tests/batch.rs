@@ -308,7 +308,8 @@ async fn shards_cover_every_row_exactly_once_and_equal_the_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_shard_records_nothing_and_a_rerun_completes() {
     let setup = Setup::new();
-    let n = 60_000;
+    // Several 64Ki-prediction write windows, so the kill lands between two of them.
+    let n = 200_000;
     let ids: Vec<usize> = (0..n).collect();
     write_parquet(&setup.lake().join("big.parquet"), &ids, 5_000);
     let server = RedisServer::start();
@@ -338,11 +339,12 @@ async fn a_killed_shard_records_nothing_and_a_rerun_completes() {
     }
     child.kill().expect("kill");
     child.wait().expect("wait");
-    let written: usize = conn
-        .keys::<_, Vec<String>>("mr:ml/churn:3:b:g-kill:*")
-        .await
-        .expect("keys")
-        .len();
+    let buckets: Vec<String> = conn.keys("mr:ml/churn:3:b:g-kill:*").await.expect("keys");
+    let mut written = 0;
+    for bucket in &buckets {
+        let fields: usize = conn.hlen(bucket).await.expect("hlen");
+        written += fields;
+    }
     assert!(
         written > 0 && written < n,
         "killed midway: {written} of {n} written"
@@ -363,6 +365,32 @@ async fn a_killed_shard_records_nothing_and_a_rerun_completes() {
         "a final summary: {}",
         stderr(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_sizes_the_generation_otherwise_writes_nothing() {
+    let setup = Setup::new();
+    let ids: Vec<usize> = (0..1_000).collect();
+    write_parquet(&setup.lake().join("p.parquet"), &ids, 500);
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let ks = Keyspace::new("ml/churn", "3");
+    // Another shard of the run saw a table twice this size (it changed during the run).
+    let _: () = conn
+        .set(ks.bucket_count_key("g-moved"), 32)
+        .await
+        .expect("set");
+    let uri = format!("file://{}/", setup.lake().display());
+    let cfg = config_file(setup.dir.path(), &setup.config(&uri, 128, 2));
+    let out = run_batch(&cfg, &server.url(), "g-moved", 2, 0);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has 32 buckets but this shard computed 16"),
+        "{}",
+        stderr(&out)
+    );
+    let written: Vec<String> = conn.keys("mr:ml/churn:3:b:g-moved:*").await.expect("keys");
+    assert!(written.is_empty(), "{written:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
