@@ -283,9 +283,9 @@ impl CachedPrediction {
     }
 }
 
-/// Entities per bucket a generation is sized for: well inside Redis's default
-/// `hash-max-listpack-entries` (128), so buckets stay compact listpacks whose lookups scan
-/// a couple of kilobytes at most.
+/// Entities per bucket a generation is sized for: well inside `hash-max-listpack-entries`
+/// (512 built into Redis 7.0, 128 in many configs), so buckets stay compact listpacks whose
+/// lookups scan a couple of kilobytes at most.
 pub const ENTITIES_PER_BUCKET: u64 = 64;
 
 /// The most buckets a generation has (a quarter of a billion entities at 64 each; more
