@@ -226,7 +226,8 @@ async fn recorded_buckets(
 }
 
 /// Records `buckets` as `generation`'s bucket count, or checks it against the count an
-/// earlier shard recorded (every shard computes it from the same input).
+/// earlier shard recorded (every shard computes it from the same input). `SET … NX`, then a
+/// `GET` only when it was taken (`NX` with `GET` in one command needs Redis 7).
 async fn record_buckets(
     writer: &PredictionWriter,
     keyspace: &Keyspace,
@@ -236,17 +237,15 @@ async fn record_buckets(
 ) -> Result<(), BatchError> {
     let key = keyspace.bucket_count_key(generation);
     let mut set = redis::cmd("SET");
-    set.arg(&key)
-        .arg(buckets)
-        .arg("PX")
-        .arg(ttl_ms)
-        .arg("NX")
-        .arg("GET");
-    let recorded: Option<u32> = writer
+    set.arg(&key).arg(buckets).arg("PX").arg(ttl_ms).arg("NX");
+    let written: Option<String> = writer
         .command(&key, &set)
         .await
         .map_err(redis("recording the generation's bucket count"))?;
-    match recorded {
+    if written.is_some() {
+        return Ok(());
+    }
+    match recorded_buckets(writer, keyspace, generation).await? {
         Some(recorded) if recorded != buckets => Err(BatchError::Layout {
             generation: generation.to_string(),
             recorded,
