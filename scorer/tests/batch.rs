@@ -765,16 +765,28 @@ async fn publish_day1(
         .expect("publish");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
+/// A Redis with day 1 (`day1` entities) published as `g-full` and day 2 (`day2`) written
+/// beside it, in row groups of `row_group` rows.
+async fn day1_published(
+    day1: usize,
+    day2: &[usize],
+    row_group: usize,
+    batch_size: i32,
+) -> (Setup, RedisServer, redis::aio::MultiplexedConnection) {
     let setup = Setup::new();
     let server = RedisServer::start();
     let mut conn = connection(&server.url()).await;
+    write_two_days(&setup, day1, day2, row_group);
+    publish_day1(&setup, &server, &mut conn, batch_size).await;
+    (setup, server, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     let ks = Keyspace::new("ml/churn", "3");
     // Day 2: every tenth entity's features changed, and five entities are new.
     let day2: Vec<usize> = (0..1_005).collect();
-    write_two_days(&setup, 1_000, &day2, 100);
-    publish_day1(&setup, &server, &mut conn, 128).await;
+    let (setup, server, mut conn) = day1_published(1_000, &day2, 100, 128).await;
     let before = raw_values(&mut conn, "g-full", &day2).await;
     // A day has passed: the full run's buckets have a minute left.
     let layout = layout_of(&mut conn, "g-full").await;
@@ -874,12 +886,8 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entity_twice_in_a_row_group_fails_an_incremental_run_before_it_writes() {
-    let setup = Setup::new();
-    let server = RedisServer::start();
-    let mut conn = connection(&server.url()).await;
     let ids: Vec<usize> = (0..100).collect();
-    write_two_days(&setup, ids.len(), &ids, 100);
-    publish_day1(&setup, &server, &mut conn, 32).await;
+    let (setup, server, mut conn) = day1_published(ids.len(), &ids, 100, 32).await;
     let before = raw_values(&mut conn, "g-full", &ids).await;
 
     // Day 3: day 2's rows and e3 once more, with other features, in the same row group.
@@ -925,13 +933,9 @@ async fn an_entity_twice_in_a_row_group_fails_an_incremental_run_before_it_write
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
-    let setup = Setup::new();
-    let server = RedisServer::start();
-    let mut conn = connection(&server.url()).await;
     let ks = Keyspace::new("ml/churn", "3");
     let ids: Vec<usize> = (0..300).collect();
-    write_two_days(&setup, ids.len(), &ids, 300);
-    publish_day1(&setup, &server, &mut conn, 64).await;
+    let (setup, server, mut conn) = day1_published(ids.len(), &ids, 300, 64).await;
     let index_key = ks.fingerprint_index("g-full", 0, 0);
     let index_before: Vec<u8> = conn.get(&index_key).await.expect("index");
 

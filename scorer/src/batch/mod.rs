@@ -188,15 +188,11 @@ async fn published_generation(
     writer: &PredictionWriter,
     keyspace: &Keyspace,
 ) -> Result<Option<String>, BatchError> {
-    let redis_error = |source| BatchError::Redis {
-        during: "reading the published generation",
-        source,
-    };
     let pointer = keyspace.serving_pointer();
     let Some(published): Option<String> = writer
         .command(&pointer, redis::cmd("GET").arg(&pointer))
         .await
-        .map_err(redis_error)?
+        .map_err(redis("reading the published generation"))?
     else {
         return Ok(None);
     };
@@ -204,10 +200,11 @@ async fn published_generation(
     let aliased: Option<String> = writer
         .command(&alias, redis::cmd("GET").arg(&alias))
         .await
-        .map_err(redis_error)?;
+        .map_err(redis("reading the published generation"))?;
     Ok(Some(aliased.unwrap_or(published)))
 }
 
+/// Turns a Redis error met `during` something into the shard's error.
 fn redis(during: &'static str) -> impl FnOnce(redis::RedisError) -> BatchError {
     move |source| BatchError::Redis { during, source }
 }
@@ -338,10 +335,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let writer = Arc::new(
         PredictionWriter::connect(&args.job.redis_url, config.cache.redis_cluster, ttl_ms)
             .await
-            .map_err(|source| BatchError::Redis {
-                during: "connecting",
-                source,
-            })?,
+            .map_err(redis("connecting"))?,
     );
     let computed_at_ms = now_ms();
     let incremental = config.batch.as_ref().is_some_and(|b| b.incremental);
@@ -461,10 +455,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         writer
             .set_with_ttl(&alias, base)
             .await
-            .map_err(|source| BatchError::Redis {
-                during: "recording the updated generation",
-                source,
-            })?;
+            .map_err(redis("recording the updated generation"))?;
     }
     progress.finish();
     // Written even when the shard drew nothing (more shards than row groups): the operator
@@ -481,10 +472,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let _: i64 = writer
         .command(&done_key, &record)
         .await
-        .map_err(|source| BatchError::Redis {
-            during: "recording the shard as done",
-            source,
-        })?;
+        .map_err(redis("recording the shard as done"))?;
     let summary = Summary {
         rows,
         written,
