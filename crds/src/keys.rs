@@ -70,13 +70,24 @@ pub fn validate_entity_id(id: &str) -> Result<(), EntityIdError> {
     if id.len() > MAX_ENTITY_ID_LEN {
         return Err(EntityIdError::TooLong(id.len()));
     }
+    // Every allowed character is one ASCII byte, so a byte test decides (a batch run checks
+    // every id of its input: this was 4% of an incremental run's CPU as a per-character
+    // search); the offending character is looked for only when there is one.
+    if id.bytes().all(allowed_in_entity_id) {
+        return Ok(());
+    }
     match id
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "._-:@/=+".contains(*c)))
+        .find(|&c| !(c.is_ascii() && allowed_in_entity_id(c as u8)))
     {
         Some(bad) => Err(EntityIdError::BadCharacter(bad)),
         None => Ok(()),
     }
+}
+
+fn allowed_in_entity_id(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || matches!(byte, b'.' | b'_' | b'-' | b':' | b'@' | b'/' | b'=' | b'+')
 }
 
 /// The keys of one resource's model version.
@@ -604,6 +615,12 @@ mod tests {
             validate_entity_id("a b"),
             Err(EntityIdError::BadCharacter(' '))
         );
+        // Not ASCII: named as the character, not as one of its bytes.
+        assert_eq!(
+            validate_entity_id("usér"),
+            Err(EntityIdError::BadCharacter('é'))
+        );
+        assert!(validate_entity_id("A-Z.a_z+0=9").is_ok());
         assert_eq!(
             validate_entity_id(&"x".repeat(257)),
             Err(EntityIdError::TooLong(257))
