@@ -5,8 +5,10 @@
 //! `redis-benchmark`'s rates as the store's ceiling. Prints figures; asserts nothing.
 //!
 //! `make bench` runs it. Environment knobs: `MILLRACE_BENCH_SECONDS` (per load run, default
-//! 10), `MILLRACE_BENCH_ENTITIES` (default 1000000), `MILLRACE_BENCH_BATCH_ONLY` (stop after
-//! the batch section), `MILLRACE_BENCH_BASELINE` (the
+//! 10), `MILLRACE_BENCH_ENTITIES` (default 1000000), `MILLRACE_BENCH_BATCH_ROUNDS` (rounds
+//! of Millrace's batch job, each a full run and an incremental one on top of it, default 3:
+//! medians are reported, since single runs on these machines vary by a fifth),
+//! `MILLRACE_BENCH_BATCH_ONLY` (stop after the batch section), `MILLRACE_BENCH_BASELINE` (the
 //! baseline's directory).
 
 use std::collections::HashMap;
@@ -219,6 +221,30 @@ fn timed(mut cmd: Command) -> (Duration, u64, String) {
     (elapsed, peak_kib / 1024, text)
 }
 
+/// One round of the batch section: a full run, then an incremental one on top of it.
+struct Round {
+    full_time: Duration,
+    full_rss: u64,
+    /// Redis memory the full run added.
+    memory: u64,
+    inc_time: Duration,
+    inc_rss: u64,
+    /// The incremental run's log (its counts).
+    log: String,
+}
+
+/// The median of `values` (the mean of the middle two for an even count; 0 for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[mid],
+        _ => (values[mid - 1] + values[mid]) / 2.0,
+    }
+}
+
 /// The feature table with 10% of its rows' features changed (cached beside it).
 fn changed_copy(data: &Path) -> PathBuf {
     let out = data.join("features-10pct-changed.parquet");
@@ -308,6 +334,7 @@ fn start_baseline(data: &Path, redis_url: &str) -> (Process, u16) {
 
 fn main() {
     let seconds: u64 = env_or("MILLRACE_BENCH_SECONDS", 10);
+    let batch_rounds: usize = env_or("MILLRACE_BENCH_BATCH_ROUNDS", 3).max(1);
     let entities: usize = env_or("MILLRACE_BENCH_ENTITIES", 1_000_000);
     assert!(
         baseline_dir().join("seed_serve.py").exists(),
@@ -353,26 +380,61 @@ fn main() {
         .unwrap_or(entities as f64 / base_time.as_secs_f64());
     let cfg = scorer_config(&data, 0);
     let config = write_config(work.path(), "batch.json", &cfg);
-    let mut ours = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
-    ours.args(["batch", "--config"])
-        .arg(&config)
-        .env("MILLRACE_REDIS_URL", &url)
-        .env("MILLRACE_GENERATION", "bench-1")
-        .env("RUST_LOG", "warn");
-    let memory_before = used_memory(&url);
-    let (our_time, our_rss, _) = timed(ours);
-    let our_memory = used_memory(&url).saturating_sub(memory_before);
-    let our_rate = entities as f64 / our_time.as_secs_f64();
-    // What the operator does once every shard is done: publish the generation.
+    // Incremental: the same table with 10% of the entities' features changed.
+    let changed = changed_copy(&data);
+    let mut inc = cfg.clone();
+    if let (Some(offline), Some(batch)) = (inc.features.offline.as_mut(), inc.batch.as_mut()) {
+        offline.uri = format!("file://{}", changed.display());
+        batch.incremental = true;
+    }
+    let inc_config = write_config(work.path(), "incremental.json", &inc);
     let mut conn = redis::Client::open(url.as_str())
         .expect("url")
         .get_connection()
         .expect("redis");
-    let _: () = redis::cmd("SET")
-        .arg(cfg.keyspace().serving_pointer())
-        .arg("bench-1")
-        .query(&mut conn)
-        .expect("publish");
+    // Each round: a full run under a new generation, publishing it (what the operator does
+    // once every shard is done), then an incremental run over the changed table, which
+    // updates that generation in place. Every round's generation stays in Redis (the last
+    // one is what the serve section reads).
+    let mut rounds: Vec<Round> = Vec::new();
+    for round in 1..=batch_rounds {
+        let generation = format!("bench-{round}");
+        let mut full = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+        full.args(["batch", "--config"])
+            .arg(&config)
+            .env("MILLRACE_REDIS_URL", &url)
+            .env("MILLRACE_GENERATION", &generation)
+            .env("RUST_LOG", "warn");
+        let memory_before = used_memory(&url);
+        let (full_time, full_rss, _) = timed(full);
+        let memory = used_memory(&url).saturating_sub(memory_before);
+        let _: () = redis::cmd("SET")
+            .arg(cfg.keyspace().serving_pointer())
+            .arg(&generation)
+            .query(&mut conn)
+            .expect("publish");
+        let mut incremental = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+        incremental
+            .args(["batch", "--config"])
+            .arg(&inc_config)
+            .env("MILLRACE_REDIS_URL", &url)
+            .env("MILLRACE_GENERATION", format!("{generation}-incremental"))
+            .env("RUST_LOG", "info");
+        let (inc_time, inc_rss, log) = timed(incremental);
+        rounds.push(Round {
+            full_time,
+            full_rss,
+            memory,
+            inc_time,
+            inc_rss,
+            log,
+        });
+    }
+    let our_seconds = median(rounds.iter().map(|r| r.full_time.as_secs_f64()));
+    let our_time = Duration::from_secs_f64(our_seconds);
+    let our_rss = rounds.iter().map(|r| r.full_rss).max().unwrap_or(0);
+    let our_memory = median(rounds.iter().map(|r| r.memory as f64)) as u64;
+    let our_rate = entities as f64 / our_seconds;
     println!(
         "{:<28}{:>14}{:>12}{:>16}{:>14}{:>20}",
         "", "predictions/s", "seconds", "% of SET ceil.", "peak RSS MiB", "Redis B/prediction"
@@ -407,36 +469,39 @@ fn main() {
         our_memory as f64 / base_memory.max(1) as f64
     );
 
-    // Incremental: the same table with 10% of the entities' features changed.
-    let changed = changed_copy(&data);
-    let mut inc = scorer_config(&data, 0);
-    if let (Some(offline), Some(batch)) = (inc.features.offline.as_mut(), inc.batch.as_mut()) {
-        offline.uri = format!("file://{}", changed.display());
-        batch.incremental = true;
-    }
-    let config = write_config(work.path(), "incremental.json", &inc);
-    let mut incremental = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
-    incremental
-        .args(["batch", "--config"])
-        .arg(&config)
-        .env("MILLRACE_REDIS_URL", &url)
-        .env("MILLRACE_GENERATION", "bench-2")
-        .env("RUST_LOG", "info");
-    let (inc_time, inc_rss, log) = timed(incremental);
+    let seconds_of = |times: &mut dyn Iterator<Item = Duration>| -> String {
+        times
+            .map(|t| format!("{:.2}", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "(millrace-scorer batch: the median of {batch_rounds} full runs: {} s)",
+        seconds_of(&mut rounds.iter().map(|r| r.full_time))
+    );
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.full_time.as_secs_f64() / r.inc_time.as_secs_f64())
+        .collect();
+    let last = rounds.last().map_or("", |r| r.log.as_str());
     let field = |name: &str| {
-        log.split(&format!("{name}="))
+        last.split(&format!("{name}="))
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or("?")
             .to_string()
     };
     println!(
-        "incremental, 10% changed: {:.1} s (computed {}, carried {}, settled by the fingerprint index {}), {:.1}x faster than the full run (target >= 5x), peak RSS {inc_rss} MiB",
-        inc_time.as_secs_f64(),
+        "incremental, 10% changed: median {:.2} s of {} s (computed {}, carried {}, settled by the fingerprint index {}); {:.1}x faster than its round's full run (median; {:.1}-{:.1}x; target >= 5x), peak RSS {} MiB",
+        median(rounds.iter().map(|r| r.inc_time.as_secs_f64())),
+        seconds_of(&mut rounds.iter().map(|r| r.inc_time)),
         field("computed"),
         field("carried"),
         field("settled_by_index"),
-        our_time.as_secs_f64() / inc_time.as_secs_f64()
+        median(ratios.iter().copied()),
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(0.0, f64::max),
+        rounds.iter().map(|r| r.inc_rss).max().unwrap_or(0),
     );
 
     if std::env::var_os("MILLRACE_BENCH_BATCH_ONLY").is_some() {
