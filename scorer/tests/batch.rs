@@ -4,7 +4,8 @@
 //! (fake-gcs-server, Azurite): shards cover every row exactly once, predictions equal the
 //! model's, a killed shard records nothing and a rerun completes, bad input fails
 //! with the file, column and row group named, an incremental run rescores exactly the
-//! changed rows, and a failed one never leaves a fingerprint index ahead of its predictions.
+//! changed rows, a failed one never leaves a fingerprint index ahead of its predictions, and
+//! a write follows a Redis Cluster slot that moved to another master mid-run.
 
 mod support;
 
@@ -463,6 +464,98 @@ async fn writes_spread_over_a_real_redis_cluster() {
         (Some("realtime"), Some(0.75)),
         "the newer real-time prediction wins: {body}"
     );
+}
+
+/// `url`'s node id and the slots it owns, from its `CLUSTER NODES` line.
+async fn node_slots(url: &str) -> (String, Vec<std::ops::RangeInclusive<u16>>) {
+    let mut node = connection(url).await;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut node)
+        .await
+        .expect("cluster nodes");
+    let line = nodes
+        .lines()
+        .find(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
+        .expect("a myself line");
+    let fields: Vec<&str> = line.split(' ').collect();
+    let slots = fields[8..]
+        .iter()
+        .filter_map(|range| {
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            Some(from.parse().ok()?..=to.parse().ok()?)
+        })
+        .collect();
+    (fields[0].to_string(), slots)
+}
+
+/// A slot that moves to another master after the writer learned the cluster's layout (a
+/// reshard during a run) answers with `MOVED`: the writer learns the new owners and writes
+/// the window again, reading the fields it expected absent first, so the fields it already
+/// wrote on the other masters compare equal instead of passing for duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_follows_a_slot_that_moved_to_another_master() {
+    use millrace_scorer::batch::writer::{Expect, FieldWrite, PredictionWriter};
+
+    let cluster = RedisCluster::start(3);
+    let layout = Keyspace::new("ml/churn", "3").batch_layout("g-moved", 16);
+    let writer = PredictionWriter::connect(&cluster.url(), true, 60_000)
+        .await
+        .expect("connect");
+    let entries: Vec<FieldWrite> = (0..400)
+        .map(|i| {
+            let id = format!("e{i}");
+            FieldWrite {
+                bucket: layout.bucket_of_hash(millrace_crds::keys::entity_hash(&id)),
+                value: CachedPrediction::now(i as f32).encode_with_fingerprint(i),
+                id,
+                expect: Expect::Absent,
+            }
+        })
+        .collect();
+
+    // Move the (still empty) slot of e0's bucket to another master, telling every node.
+    let slot = millrace_crds::keys::cluster_slot(layout.key_of("e0").as_bytes());
+    let mut nodes = Vec::new();
+    for url in cluster.urls() {
+        let (id, slots) = node_slots(&url).await;
+        nodes.push((url, id, slots.iter().any(|r| r.contains(&slot))));
+    }
+    let owner = nodes.iter().position(|n| n.2).expect("an owner");
+    let target = (owner + 1) % nodes.len();
+    let target_id = nodes[target].1.clone();
+    for k in [owner, target, (owner + 2) % nodes.len()] {
+        let mut node = connection(&nodes[k].0).await;
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&target_id)
+            .query_async(&mut node)
+            .await
+            .expect("setslot");
+    }
+
+    let written = writer.write(&layout, &entries).await.expect("written");
+    assert!(
+        written.unexpected.is_empty(),
+        "our own fields passed for duplicates: {:?}",
+        written.unexpected
+    );
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
+    let mut conn = client.get_async_connection().await.expect("cluster");
+    for (i, entry) in entries.iter().enumerate() {
+        let raw: Option<Vec<u8>> = conn
+            .hget(layout.bucket_key(entry.bucket), &entry.id)
+            .await
+            .expect("hget");
+        let p = CachedPrediction::decode(&raw.expect("present")).expect("decodes");
+        assert_eq!(p.value, i as f32);
+    }
+    // The moved bucket lives on its new master, with the batch TTL.
+    let mut new_owner = connection(&nodes[target].0).await;
+    let ttl: i64 = new_owner.pttl(layout.key_of("e0")).await.expect("pttl");
+    assert!(ttl > 0 && ttl <= 60_000, "ttl {ttl}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
