@@ -2,7 +2,7 @@
 //! pipeline validate → build → apply → status for each change.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -19,7 +19,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::reflector::{self, reflector};
+use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use millrace_crds::status::condition;
@@ -30,13 +30,14 @@ use crate::apply::{apply, clamp_replicas, run_batch_now};
 use crate::build::config::key_prefix;
 use crate::build::names::{FIELD_MANAGER, OWNER_LABEL, RUN_BATCH_ANNOTATION};
 use crate::build::{BuildOptions, build};
+use crate::claims::prefix_holder;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::publish::{BatchUpdate, JobOutcome, next_to_record, run_status};
 use crate::redis_store::RedisStore;
 use crate::scaler::Autoscaler;
 use crate::status::{Outcome, condition_status, desired_status};
-use crate::validate::validate;
+use crate::validate::{Invalid, validate};
 
 /// The finalizer that removes a deleted resource's Redis keys.
 pub const FINALIZER: &str = "millrace.dev/redis-cleanup";
@@ -61,6 +62,9 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<DeserializeGuard<InferenceDeployment>>, u32>>,
     /// The autoscaler's per-resource state.
     pub autoscaler: Autoscaler,
+    /// Every resource the operator watches (its cache), for key prefix claims; set when the
+    /// controller starts.
+    resources: OnceLock<Store<DeserializeGuard<InferenceDeployment>>>,
 }
 
 impl Context {
@@ -87,9 +91,33 @@ impl Context {
             cleanup_timeout,
             failures: Mutex::default(),
             autoscaler: Autoscaler::default(),
+            resources: OnceLock::new(),
         }
     }
+
+    /// Every resource the operator watches, once its first listing is complete (before that
+    /// the cache may miss some); none when the controller is not running.
+    async fn watched(&self) -> Vec<Arc<DeserializeGuard<InferenceDeployment>>> {
+        let Some(store) = self.resources.get() else {
+            return Vec::new();
+        };
+        if store.wait_until_ready().await.is_err() {
+            return Vec::new();
+        }
+        store.state()
+    }
 }
+
+/// The well-formed resources among `guards`.
+fn well_formed(
+    guards: &[Arc<DeserializeGuard<InferenceDeployment>>],
+) -> impl Iterator<Item = &InferenceDeployment> {
+    guards.iter().filter_map(|guard| guard.0.as_ref().ok())
+}
+
+/// A resource refused for a key prefix held by another waits this long between looks, so
+/// it starts soon after the holder is deleted.
+const PREFIX_RECHECK: Duration = Duration::from_secs(10);
 
 /// Runs the controller until a shutdown signal (SIGTERM, Ctrl-C).
 pub async fn run(ctx: Arc<Context>) {
@@ -108,6 +136,7 @@ pub async fn run(ctx: Arc<Context>) {
     // The resources' cache keeps whole objects minus managedFields, which reconcile never
     // reads and which are a large share of each object.
     let (reader, writer) = reflector::store();
+    let _ = ctx.resources.set(reader.clone());
     // The autoscaler syncs each resource on its own period and asks for a reconcile only
     // when what the status shows should change.
     let (triggers, triggered) = tokio::sync::mpsc::channel(1024);
@@ -288,6 +317,10 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         }
         // Nothing to retry: the next spec change brings a new reconcile.
         return Ok(Action::await_change());
+    }
+    let watched = ctx.watched().await;
+    if let Some(holder) = prefix_holder(resource, well_formed(&watched)) {
+        return refuse_prefix(resource, holder, ctx).await;
     }
 
     let children = build(resource, &ctx.options)?;
@@ -503,6 +536,46 @@ pub(crate) async fn redis_url(
     })
 }
 
+/// Refuses `resource`, whose key prefix `holder` holds: nothing is applied (children from
+/// before stay as they were, with the configuration they had), the status says why, and
+/// the resource is looked at again every [`PREFIX_RECHECK`] until the prefix is free.
+async fn refuse_prefix(
+    resource: &InferenceDeployment,
+    holder: &InferenceDeployment,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let problem = Invalid {
+        field: "spec.cache.keyPrefix".into(),
+        message: format!(
+            "the key prefix {:?} is already used by InferenceDeployment {}/{}; two resources with one prefix would overwrite each other's predictions, and deleting either would delete both's: give this resource another keyPrefix (once set, it cannot change: recreate the resource) or delete the other",
+            key_prefix(resource),
+            holder.namespace().unwrap_or_default(),
+            holder.name_any()
+        ),
+    };
+    let status = update_status(
+        resource,
+        ctx,
+        &Outcome::KeyPrefixTaken(&problem),
+        None,
+        None,
+        None,
+    )
+    .await?;
+    if changed_to(resource, &status, condition::DEGRADED, "True") {
+        event(
+            ctx,
+            resource,
+            EventType::Warning,
+            "KeyPrefixConflict",
+            "Validate",
+            problem.to_string(),
+        )
+        .await;
+    }
+    Ok(Action::requeue(PREFIX_RECHECK))
+}
+
 /// Removes every Redis key of `resource` (all model versions) and nothing else. If Redis
 /// stays unreachable past `cleanup_timeout` after deletion began, gives up with a warning so
 /// deletion is never blocked forever.
@@ -512,6 +585,26 @@ async fn cleanup(resource: &InferenceDeployment, ctx: &Context) -> Result<Action
         &resource.name_any(),
     );
     let pattern = millrace_crds::keys::resource_scan_pattern(&key_prefix(resource));
+    let watched = ctx.watched().await;
+    // A refused resource's keys are the holder's.
+    if let Some(holder) = prefix_holder(resource, well_formed(&watched)) {
+        let owner = format!(
+            "{}/{}",
+            holder.namespace().unwrap_or_default(),
+            holder.name_any()
+        );
+        info!(%pattern, %owner, "leaving the Redis keys to the resource that holds the prefix");
+        event(
+            ctx,
+            resource,
+            EventType::Normal,
+            "RedisKeysKept",
+            "Cleanup",
+            format!("keys matching {pattern} were left: InferenceDeployment {owner} holds the key prefix"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
     let result = match redis_url(resource, ctx).await {
         Ok(url) => ctx
             .redis

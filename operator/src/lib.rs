@@ -8,6 +8,7 @@ pub mod admin;
 pub mod apply;
 pub mod autoscale;
 pub mod build;
+pub mod claims;
 pub mod cli;
 pub mod controller;
 pub mod error;

@@ -15,6 +15,8 @@ use crate::validate::Invalid;
 pub enum Outcome<'a> {
     /// The spec failed validation; nothing was applied.
     Invalid(&'a [Invalid]),
+    /// Another resource holds the key prefix ([`crate::claims`]); nothing was applied.
+    KeyPrefixTaken(&'a Invalid),
     /// Applying the children failed.
     ApplyFailed(&'a str),
     /// Every child was applied.
@@ -64,6 +66,18 @@ pub fn desired_status(
             batch.message.clone(),
         );
     }
+    // Nothing applied: Degraded, not Ready, not progressing until the spec changes.
+    let refused = |status: &mut InferenceDeploymentStatus, reason: &str, message: String| {
+        set(status, condition::DEGRADED, true, reason, message.clone());
+        set(status, condition::READY, false, reason, message);
+        set(
+            status,
+            condition::PROGRESSING,
+            false,
+            reason,
+            "fix the spec to continue".into(),
+        );
+    };
     match outcome {
         Outcome::Invalid(problems) => {
             let message = problems
@@ -71,21 +85,10 @@ pub fn desired_status(
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join("; ");
-            set(
-                &mut status,
-                condition::DEGRADED,
-                true,
-                "InvalidSpec",
-                message.clone(),
-            );
-            set(&mut status, condition::READY, false, "InvalidSpec", message);
-            set(
-                &mut status,
-                condition::PROGRESSING,
-                false,
-                "InvalidSpec",
-                "fix the spec to continue".into(),
-            );
+            refused(&mut status, "InvalidSpec", message);
+        }
+        Outcome::KeyPrefixTaken(problem) => {
+            refused(&mut status, "KeyPrefixConflict", problem.to_string());
         }
         Outcome::ApplyFailed(error) => {
             // Ready stays as it was: the scorers already running keep serving.

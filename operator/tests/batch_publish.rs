@@ -1,7 +1,8 @@
 //! Batch publishing and deletion cleanup against a real Redis and the local control plane:
 //! a run is published only when every shard confirmed; a failed or partial run leaves the
 //! previous generation serving; deleting a resource removes its keys and nothing else's,
-//! and an unreachable Redis cannot block deletion forever.
+//! an unreachable Redis cannot block deletion forever, and a key prefix another resource
+//! holds is refused and its keys survive the refused resource's deletion.
 //!
 //! Needs `e2e/cluster up` (see the README's test command).
 
@@ -9,6 +10,7 @@ mod support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -20,7 +22,7 @@ use millrace_e2e::{from_json, install_crd, wait_deleted, wait_named, with_temp_n
 use millrace_operator::build::batch::manual_job_name;
 use redis::AsyncCommands;
 use serde_json::json;
-use support::{OperatorProcess, apply_until_ready, example};
+use support::{OperatorProcess, apply_until_ready, example, user_apply};
 
 async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(server.url())
@@ -291,6 +293,92 @@ async fn deleting_a_resource_removes_its_redis_keys_and_nothing_else() {
                 .map(|e| e.message.clone())
                 .collect::<Vec<_>>()
         );
+    })
+    .await;
+}
+
+/// Two resources with one key prefix would overwrite each other's predictions, and deleting
+/// either would delete both's: the younger is refused with nothing applied, deleting it
+/// leaves the holder's keys, and once the holder is gone (its keys with it) the next one
+/// starts.
+#[tokio::test]
+async fn a_key_prefix_another_resource_holds_is_refused_and_its_keys_are_left_alone() {
+    with_temp_ns("prefix", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let server = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let shared = json!({"spec": {"cache": {"keyPrefix": "shared/churn"}}});
+        apply_until_ready(&api, &example(&server.url(), shared.clone())).await;
+        let mut second = example(&server.url(), shared);
+        second.metadata.name = Some("churn-b".into());
+        let refused = || async {
+            user_apply(&api, &second).await;
+            let refused = wait_named(&api, "churn-b", "KeyPrefixConflict", |r| {
+                condition(r, "Degraded")
+                    == Some(("True".to_string(), "KeyPrefixConflict".to_string()))
+            })
+            .await
+            .expect("the second resource is refused");
+            let message = refused
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            assert!(
+                message.contains("\"shared/churn\"") && message.contains(&format!("{ns}/churn;")),
+                "{message}"
+            );
+            let applied = deployments
+                .list(&ListParams::default().labels("millrace.dev/inference-deployment=churn-b"))
+                .await
+                .expect("deployments");
+            assert!(
+                applied.items.is_empty(),
+                "nothing is applied for a refused resource"
+            );
+        };
+        refused().await;
+
+        let keyspace = Keyspace::new("shared/churn", "3");
+        let mut r = redis(&server).await;
+        let _: () = r
+            .set(keyspace.serving_pointer(), "g1")
+            .await
+            .expect("populate");
+        api.delete("churn-b", &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_deleted(&api, "churn-b", "the finalizer to finish")
+            .await
+            .expect("deleted");
+        let kept: Option<String> = r.get(keyspace.serving_pointer()).await.expect("get");
+        assert_eq!(
+            kept.as_deref(),
+            Some("g1"),
+            "the holder's keys are left alone"
+        );
+        let events = Api::<Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().fields("reason=RedisKeysKept"))
+            .await
+            .expect("events");
+        assert_eq!(events.items.len(), 1);
+
+        // Refused again; the holder goes, with its keys, and the next in line starts.
+        refused().await;
+        api.delete("churn", &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_deleted(&api, "churn", "the finalizer to finish")
+            .await
+            .expect("deleted");
+        let gone: Option<String> = r.get(keyspace.serving_pointer()).await.expect("get");
+        assert_eq!(gone, None, "the holder's deletion removes its keys");
+        millrace_e2e::wait_ready(&api, "churn-b")
+            .await
+            .expect("the next resource starts once the prefix is free");
     })
     .await;
 }

@@ -22,9 +22,11 @@ pub struct CacheSpec {
     /// The Redis server or cluster holding predictions.
     pub redis: RedisSpec,
 
-    /// Prefix of every Redis key of this resource: letters, digits and `. _ / -`, unique
-    /// among the resources that share one Redis. Default: `{namespace}/{name}`. Immutable
-    /// once set.
+    /// Prefix of every Redis key of this resource: letters, digits and `. _ / -`. Default:
+    /// `{namespace}/{name}`. Immutable once set. Unique: while another resource uses the
+    /// same prefix (its default included), the younger one is refused (`Degraded`, reason
+    /// `KeyPrefixConflict`), since the two would overwrite, and on deletion delete, each
+    /// other's predictions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 128),
