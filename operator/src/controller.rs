@@ -295,26 +295,14 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        let status = update_status(
+        refuse(
             resource,
             ctx,
             &Outcome::Invalid(&problems),
-            None,
-            None,
-            None,
+            "InvalidSpec",
+            message,
         )
         .await?;
-        if changed_to(resource, &status, condition::DEGRADED, "True") {
-            event(
-                ctx,
-                resource,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                message,
-            )
-            .await;
-        }
         // Nothing to retry: the next spec change brings a new reconcile.
         return Ok(Action::await_change());
     }
@@ -553,27 +541,39 @@ async fn refuse_prefix(
             holder.name_any()
         ),
     };
-    let status = update_status(
+    refuse(
         resource,
         ctx,
         &Outcome::KeyPrefixTaken(&problem),
-        None,
-        None,
-        None,
+        "KeyPrefixConflict",
+        problem.to_string(),
     )
     .await?;
+    Ok(Action::requeue(PREFIX_RECHECK))
+}
+
+/// Records a reconcile that applied nothing (`outcome`), with a Warning event `reason`
+/// saying `message` when the resource has just become Degraded.
+async fn refuse(
+    resource: &InferenceDeployment,
+    ctx: &Context,
+    outcome: &Outcome<'_>,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let status = update_status(resource, ctx, outcome, None, None, None).await?;
     if changed_to(resource, &status, condition::DEGRADED, "True") {
         event(
             ctx,
             resource,
             EventType::Warning,
-            "KeyPrefixConflict",
+            reason,
             "Validate",
-            problem.to_string(),
+            message,
         )
         .await;
     }
-    Ok(Action::requeue(PREFIX_RECHECK))
+    Ok(())
 }
 
 /// Removes every Redis key of `resource` (all model versions) and nothing else. If Redis

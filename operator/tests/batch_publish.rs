@@ -253,12 +253,7 @@ async fn deleting_a_resource_removes_its_redis_keys_and_nothing_else() {
             .ignore();
         let _: () = pipe.query_async(&mut r).await.expect("populate");
 
-        api.delete("churn", &DeleteParams::default())
-            .await
-            .expect("delete");
-        wait_deleted(&api, "churn", "the finalizer to finish")
-            .await
-            .expect("deleted");
+        delete_and_wait(&api, "churn").await;
 
         let remaining: Vec<String> = redis::cmd("KEYS")
             .arg("*")
@@ -295,6 +290,16 @@ async fn deleting_a_resource_removes_its_redis_keys_and_nothing_else() {
         );
     })
     .await;
+}
+
+/// Deletes `name` and waits until its finalizer has run.
+async fn delete_and_wait(api: &Api<InferenceDeployment>, name: &str) {
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_deleted(api, name, "the finalizer to finish")
+        .await
+        .expect("deleted");
 }
 
 /// Two resources with one key prefix would overwrite each other's predictions, and deleting
@@ -348,12 +353,7 @@ async fn a_key_prefix_another_resource_holds_is_refused_and_its_keys_are_left_al
             .set(keyspace.serving_pointer(), "g1")
             .await
             .expect("populate");
-        api.delete("churn-b", &DeleteParams::default())
-            .await
-            .expect("delete");
-        wait_deleted(&api, "churn-b", "the finalizer to finish")
-            .await
-            .expect("deleted");
+        delete_and_wait(&api, "churn-b").await;
         let kept: Option<String> = r.get(keyspace.serving_pointer()).await.expect("get");
         assert_eq!(
             kept.as_deref(),
@@ -368,12 +368,7 @@ async fn a_key_prefix_another_resource_holds_is_refused_and_its_keys_are_left_al
 
         // Refused again; the holder goes, with its keys, and the next in line starts.
         refused().await;
-        api.delete("churn", &DeleteParams::default())
-            .await
-            .expect("delete");
-        wait_deleted(&api, "churn", "the finalizer to finish")
-            .await
-            .expect("deleted");
+        delete_and_wait(&api, "churn").await;
         let gone: Option<String> = r.get(keyspace.serving_pointer()).await.expect("get");
         assert_eq!(gone, None, "the holder's deletion removes its keys");
         millrace_e2e::wait_ready(&api, "churn-b")
@@ -476,12 +471,7 @@ async fn publishing_and_cleanup_work_on_a_redis_cluster() {
         let pointer: String = r.get(ours.serving_pointer()).await.expect("get");
         assert_eq!(pointer, generation);
 
-        api.delete("churn", &DeleteParams::default())
-            .await
-            .expect("delete");
-        wait_deleted(&api, "churn", "the finalizer to finish")
-            .await
-            .expect("deleted");
+        delete_and_wait(&api, "churn").await;
         let mut left = Vec::new();
         for url in cluster.urls() {
             let mut node = redis::Client::open(url)
