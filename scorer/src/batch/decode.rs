@@ -1,8 +1,10 @@
 //! The decoding stage of a batch shard: Parquet row groups decoded, every row checked and
 //! fingerprinted, by several tasks at once (`--decoders`, default 2), so on a machine with
-//! more than one core decoding no longer waits on itself. In an incremental run each decoder
-//! also reads its row group's fingerprint index and drops the rows it finds unchanged, so
-//! only changed or unknown rows are turned into model input and sent on. Batches reach the
+//! more than one core decoding no longer waits on itself. Each decoder reads its row group's
+//! column chunks itself and digests them ([`super::digest`]). In an incremental run it also
+//! reads the group's fingerprint index: a group whose digest the index holds is carried
+//! whole, undecoded; otherwise it drops the rows it finds unchanged, so only changed or
+//! unknown rows are turned into model input and sent on. Batches reach the
 //! scoring stage through a bounded channel (memory stays flat: at most a few batches wait),
 //! each row group's end is announced with its new index, and the first error stops the
 //! shard.
@@ -16,7 +18,8 @@ use tokio::sync::mpsc;
 
 use super::BatchError;
 use super::convert::{Location, scan};
-use super::index::{KnownIndex, SeenTwice};
+use super::digest;
+use super::index::{GroupIndex, KnownIndex, SeenTwice};
 use super::input::{Input, InputError};
 use super::scoring::{Expected, Group};
 use super::shard::Unit;
@@ -55,9 +58,19 @@ pub struct DecodedBatch {
 pub enum Decoded {
     /// A batch to score.
     Batch(DecodedBatch),
-    /// Every batch of this row group has been sent; its new fingerprint index (entity hash,
-    /// fingerprint of every scored row, in order) is to be written once its writes land.
-    GroupDone(Group, Vec<(u64, u64)>),
+    /// Every batch of this row group has been sent; its new fingerprint index (its digest,
+    /// the entity hash and fingerprint of every scored row, in order) is to be written once
+    /// its writes land.
+    GroupDone(Group, GroupIndex),
+    /// An incremental run found the row group's content digest in its index: the group was
+    /// not decoded, and every row it scored last time is carried.
+    Unchanged {
+        /// Rows in the group.
+        rows: u64,
+        /// Of them, rows scored when the index was written (the others were skipped for a
+        /// missing feature).
+        scored: u64,
+    },
 }
 
 /// What every decoder needs.
@@ -84,6 +97,10 @@ pub struct DecodePlan {
     /// Where an incremental run reads the fingerprint indexes of the generation it updates;
     /// `None` for a full run.
     pub known: Option<Arc<PredictionWriter>>,
+    /// The seed of row groups' content digests ([`digest::seed`]).
+    pub digest_seed: u64,
+    /// The batch TTL: an index kept for an unchanged group gets it again.
+    pub ttl_ms: u64,
 }
 
 /// Decodes `units` with at most `decoders` at once; returns the receiving end. The channel
@@ -144,10 +161,39 @@ async fn decode_unit(
         .get(unit.file)
         .map(|f| f.uri.clone())
         .unwrap_or_default();
-    let mut reading = read_index(plan, group);
-    let mut known: Option<KnownIndex> = None;
+    let reading = read_index(plan, group);
     let columns: Vec<&str> = plan.columns.iter().map(String::as_str).collect();
-    let mut stream = plan.input.stream(unit, &columns, plan.batch_size)?;
+    let fetched = plan.input.fetch(unit, &columns).await?;
+    let digest = digest::of_chunks(plan.digest_seed, &fetched.chunks);
+    let mut known: Option<KnownIndex> = match reading {
+        Some(read) => Some(read.await.unwrap_or_default()),
+        None => None,
+    };
+    if let (Some(index), Some(writer)) = (&known, &plan.known)
+        && index.describes(digest)
+    {
+        // The same bytes as when the index was written: the same rows, scored as they are.
+        let key = plan
+            .keyspace
+            .fingerprint_index(&plan.generation, group.0, group.1);
+        let _: i64 = writer
+            .command(&key, redis::cmd("PEXPIRE").arg(&key).arg(plan.ttl_ms))
+            .await
+            .map_err(|source| BatchError::Redis {
+                during: "refreshing the TTL of an unchanged row group's index",
+                source,
+            })?;
+        let _ = tx
+            .send(Ok(Decoded::Unchanged {
+                rows: unit.rows,
+                scored: index.len() as u64,
+            }))
+            .await;
+        return Ok(());
+    }
+    let mut stream = plan
+        .input
+        .stream(unit, &columns, plan.batch_size, fetched)?;
     let mut first_row = 0;
     let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(unit.rows as usize);
     while let Some(record_batch) = stream
@@ -172,9 +218,6 @@ async fn decode_unit(
             &plan.missing,
             &at,
         )?;
-        if let Some(read) = reading.take() {
-            known = Some(read.await.unwrap_or_default());
-        }
         let (mut rows, mut expected) = (Vec::new(), Vec::new());
         let (mut unchanged, mut settled) = (0, 0);
         for i in (0..scanned.len()).filter(|&i| scanned.is_scored(i)) {
@@ -230,6 +273,7 @@ async fn decode_unit(
             return Ok(()); // the shard stopped
         }
     }
-    let _ = tx.send(Ok(Decoded::GroupDone(group, pairs))).await;
+    let index = GroupIndex { digest, pairs };
+    let _ = tx.send(Ok(Decoded::GroupDone(group, index))).await;
     Ok(())
 }

@@ -8,7 +8,9 @@
 //! write expects a value with the old fingerprint, which is how a duplicate id is still
 //! caught). Only rows the index does not know (new entities, or a row group laid out anew)
 //! are read back and compared with the fingerprint inside their stored value, as without an
-//! index. Every run writes the index of each row group it scored.
+//! index. Every run writes the index of each row group it scored, with the digest of the
+//! group's raw bytes ([`super::digest`]): an incremental run that finds a group's digest
+//! unchanged carries all its rows without decoding it, and leaves its index as it is.
 //!
 //! The index is trusted: a prediction evicted from Redis while its index entry stays would
 //! not be recomputed until the next full run (the same TTL makes both expire together).
@@ -25,50 +27,76 @@ use std::collections::HashMap;
 
 use super::scoring::Group;
 
-/// The first byte of an encoded index: its format. 2: fingerprints of
-/// [`millrace_crds::keys::features_fingerprint`]'s version 2 (an index of format 1 reads as
-/// empty, and its rows go the exact way once).
-const FORMAT: u8 = 2;
+/// The first byte of an encoded index: its format. 3: the row group's content digest
+/// ([`super::digest`]), then fingerprints of [`millrace_crds::keys::features_fingerprint`]'s
+/// version 2. Format 2 (the same fingerprints, no digest) still reads, without a digest, so
+/// its rows are decoded and compared as before; format 1 reads as empty (its rows go the
+/// exact way once).
+const FORMAT: u8 = 3;
+
+/// Format 2: pairs without a digest.
+const FORMAT_WITHOUT_DIGEST: u8 = 2;
 
 /// The index's key of an entity: its [`millrace_crds::keys::entity_hash`] (which also
 /// picks its bucket).
 pub use millrace_crds::keys::entity_hash as id_hash;
 
-/// `pairs` (entity hash, fingerprint) as stored: the format byte, then 16 bytes per pair.
-pub fn encode(pairs: &[(u64, u64)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + pairs.len() * 16);
+/// What a run learned about one row group: the digest of its content and the (entity hash,
+/// fingerprint) of every row it scored, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupIndex {
+    /// [`super::digest::of_chunks`] of the group's column chunks.
+    pub digest: u64,
+    /// (entity hash, fingerprint) per scored row.
+    pub pairs: Vec<(u64, u64)>,
+}
+
+/// An index as stored: the format byte, the digest, then 16 bytes per pair.
+pub fn encode(index: &GroupIndex) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + index.pairs.len() * 16);
     out.push(FORMAT);
-    for (id, fingerprint) in pairs {
+    out.extend_from_slice(&index.digest.to_le_bytes());
+    for (id, fingerprint) in &index.pairs {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(&fingerprint.to_le_bytes());
     }
     out
 }
 
-/// The pairs of a stored index, in the order written; empty for anything that is not one
-/// (a missing, truncated or foreign value makes every row of the group go the slow, exact
-/// way).
-pub fn decode(bytes: &[u8]) -> Vec<(u64, u64)> {
-    let Some((&FORMAT, body)) = bytes.split_first() else {
-        return Vec::new();
+/// The digest (format 3 only) and pairs of a stored index; nothing for anything that is not
+/// one (a missing, truncated or foreign value makes every row of the group go the slow,
+/// exact way).
+pub fn decode(bytes: &[u8]) -> (Option<u64>, Vec<(u64, u64)>) {
+    let (digest, body) = match bytes.split_first() {
+        Some((&FORMAT, rest)) if rest.len() >= 8 => {
+            let (digest, body) = rest.split_at(8);
+            (Some(word(digest)), body)
+        }
+        Some((&FORMAT_WITHOUT_DIGEST, body)) => (None, body),
+        _ => return (None, Vec::new()),
     };
     if body.len() % 16 != 0 {
-        return Vec::new();
+        return (None, Vec::new());
     }
-    body.chunks_exact(16)
+    let pairs = body
+        .chunks_exact(16)
         .map(|pair| {
             let (id, fingerprint) = pair.split_at(8);
-            (
-                u64::from_le_bytes(id.try_into().unwrap_or_default()),
-                u64::from_le_bytes(fingerprint.try_into().unwrap_or_default()),
-            )
+            (word(id), word(fingerprint))
         })
-        .collect()
+        .collect();
+    (digest, pairs)
+}
+
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().unwrap_or_default())
 }
 
 /// A row group's index as read: what fingerprint each known entity was scored on.
 #[derive(Debug, Default)]
 pub struct KnownIndex {
+    /// The content digest of the row group it was written for (format 3).
+    digest: Option<u64>,
     pairs: Vec<(u64, u64)>,
     /// Entity hash → its pair, built only when the layout moved.
     by_id: Option<HashMap<u64, usize>>,
@@ -84,12 +112,29 @@ pub struct SeenTwice;
 impl KnownIndex {
     /// The index stored as `bytes` (empty when there is none).
     pub fn from_stored(bytes: Option<&[u8]>) -> Self {
-        let pairs = bytes.map(decode).unwrap_or_default();
+        let (digest, pairs) = bytes.map(decode).unwrap_or_default();
         Self {
+            digest,
             matched: vec![false; pairs.len()],
             pairs,
             by_id: None,
         }
+    }
+
+    /// Whether the index was written for a row group of content `digest`: then every row
+    /// of the group is as it was scored, and nothing of it needs reading.
+    pub fn describes(&self, digest: u64) -> bool {
+        self.digest == Some(digest)
+    }
+
+    /// The rows it knows (the group's scored rows when it was written).
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Whether it knows no row.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
     }
 
     /// The fingerprint entity `id_hash` was scored on, if the index knows it; `position` is
@@ -129,7 +174,7 @@ impl KnownIndex {
 #[derive(Debug, Default)]
 pub struct IndexGate {
     open: HashMap<Group, usize>,
-    decoded: HashMap<Group, Vec<(u64, u64)>>,
+    decoded: HashMap<Group, GroupIndex>,
 }
 
 impl IndexGate {
@@ -140,7 +185,7 @@ impl IndexGate {
 
     /// A batch of `group` is done (its writes acknowledged, or nothing to write); returns the
     /// group's index if it may now be written.
-    pub fn closed(&mut self, group: Group) -> Option<(Group, Vec<(u64, u64)>)> {
+    pub fn closed(&mut self, group: Group) -> Option<(Group, GroupIndex)> {
         if let Some(open) = self.open.get_mut(&group) {
             *open = open.saturating_sub(1);
             if *open == 0 {
@@ -150,14 +195,10 @@ impl IndexGate {
         self.release(group)
     }
 
-    /// Every batch of `group` has been decoded; `pairs` is its new index. Returns it if it
+    /// Every batch of `group` has been decoded; `index` is its new index. Returns it if it
     /// may be written now.
-    pub fn decoded(
-        &mut self,
-        group: Group,
-        pairs: Vec<(u64, u64)>,
-    ) -> Option<(Group, Vec<(u64, u64)>)> {
-        self.decoded.insert(group, pairs);
+    pub fn decoded(&mut self, group: Group, index: GroupIndex) -> Option<(Group, GroupIndex)> {
+        self.decoded.insert(group, index);
         self.release(group)
     }
 
@@ -166,11 +207,11 @@ impl IndexGate {
         self.decoded.is_empty()
     }
 
-    fn release(&mut self, group: Group) -> Option<(Group, Vec<(u64, u64)>)> {
+    fn release(&mut self, group: Group) -> Option<(Group, GroupIndex)> {
         if self.open.contains_key(&group) {
             return None;
         }
-        self.decoded.remove(&group).map(|pairs| (group, pairs))
+        self.decoded.remove(&group).map(|index| (group, index))
     }
 }
 
@@ -178,26 +219,54 @@ impl IndexGate {
 mod tests {
     use super::*;
 
+    fn index(pairs: &[(u64, u64)]) -> GroupIndex {
+        GroupIndex {
+            digest: 42,
+            pairs: pairs.to_vec(),
+        }
+    }
+
     #[test]
     fn an_index_round_trips_and_garbage_decodes_to_nothing() {
         let pairs = vec![(id_hash("u1"), 7), (id_hash("u2"), 9)];
-        assert_eq!(decode(&encode(&pairs)), pairs);
-        assert!(decode(b"").is_empty());
-        assert!(decode(&[FORMAT, 1, 2, 3]).is_empty());
-        assert!(decode(&[9; 17]).is_empty());
-        let mut old_format = encode(&pairs);
-        old_format[0] = 1;
-        assert!(
-            decode(&old_format).is_empty(),
+        assert_eq!(decode(&encode(&index(&pairs))), (Some(42), pairs.clone()));
+        assert_eq!(decode(b""), (None, vec![]));
+        assert_eq!(decode(&[FORMAT, 1, 2, 3]), (None, vec![]));
+        assert_eq!(decode(&[9; 25]), (None, vec![]));
+        let mut truncated = encode(&index(&pairs));
+        truncated.pop();
+        assert_eq!(decode(&truncated), (None, vec![]));
+        // Format 2: the same pairs, no digest.
+        let mut format_2 = vec![FORMAT_WITHOUT_DIGEST];
+        format_2.extend_from_slice(&encode(&index(&pairs))[9..]);
+        assert_eq!(decode(&format_2), (None, pairs.clone()));
+        let mut format_1 = format_2.clone();
+        format_1[0] = 1;
+        assert_eq!(
+            decode(&format_1),
+            (None, vec![]),
             "format 1 holds other fingerprints"
         );
         assert_ne!(id_hash("u1"), id_hash("u2"));
     }
 
     #[test]
+    fn only_an_index_of_format_3_vouches_for_a_whole_group() {
+        let stored = encode(&index(&[(1, 2)]));
+        let known = KnownIndex::from_stored(Some(&stored));
+        assert!(known.describes(42));
+        assert!(!known.describes(43));
+        assert_eq!(known.len(), 1);
+        let mut format_2 = vec![FORMAT_WITHOUT_DIGEST];
+        format_2.extend_from_slice(&stored[9..]);
+        assert!(!KnownIndex::from_stored(Some(&format_2)).describes(42));
+        assert!(!KnownIndex::from_stored(None).describes(0));
+    }
+
+    #[test]
     fn lookups_go_by_position_then_by_entity() {
         let (a, b, c) = (id_hash("a"), id_hash("b"), id_hash("c"));
-        let stored = encode(&[(a, 1), (b, 2), (c, 3)]);
+        let stored = encode(&index(&[(a, 1), (b, 2), (c, 3)]));
         let mut known = KnownIndex::from_stored(Some(&stored));
         assert_eq!(known.lookup(1, b), Ok(Some(2)), "in place");
         assert!(known.by_id.is_none(), "no map for rows in place");
@@ -211,7 +280,7 @@ mod tests {
     #[test]
     fn an_entity_matched_twice_in_a_group_is_refused() {
         let (a, b) = (id_hash("a"), id_hash("b"));
-        let stored = encode(&[(a, 1), (b, 2)]);
+        let stored = encode(&index(&[(a, 1), (b, 2)]));
         let mut known = KnownIndex::from_stored(Some(&stored));
         assert_eq!(known.lookup(0, a), Ok(Some(1)));
         assert_eq!(known.lookup(1, a), Err(SeenTwice), "by entity");
@@ -222,7 +291,7 @@ mod tests {
     #[test]
     fn an_index_waits_for_its_groups_writes_and_decoding() {
         let mut gate = IndexGate::default();
-        let pairs = vec![(1, 2)];
+        let pairs = index(&[(1, 2)]);
         gate.opened((0, 0));
         gate.opened((0, 0));
         assert_eq!(
@@ -238,6 +307,7 @@ mod tests {
         assert_eq!(gate.closed((0, 1)), None, "not decoded yet");
         assert_eq!(gate.decoded((0, 1), pairs.clone()), Some(((0, 1), pairs)));
         // A group with nothing to write goes out as soon as it is decoded.
-        assert_eq!(gate.decoded((1, 0), vec![]), Some(((1, 0), vec![])));
+        let empty = index(&[]);
+        assert_eq!(gate.decoded((1, 0), empty.clone()), Some(((1, 0), empty)));
     }
 }

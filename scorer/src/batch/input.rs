@@ -182,22 +182,79 @@ impl Input {
         Ok(())
     }
 
-    /// Streams `unit`'s row group in record batches of `batch_size` rows, decoding only
-    /// `columns`.
-    pub fn stream(
-        &self,
-        unit: &Unit,
-        columns: &[&str],
-        batch_size: usize,
-    ) -> Result<ParquetRecordBatchStream<ObjectFile>, InputError> {
-        let file = &self.files[unit.file];
+    /// The projection of `columns` in `file`.
+    fn projection(file: &InputFile, columns: &[&str]) -> ProjectionMask {
         let schema = file.metadata.schema();
         let indices: Vec<usize> = columns
             .iter()
             .filter_map(|c| schema.index_of(c).ok())
             .collect();
-        let mask = ProjectionMask::roots(file.metadata.parquet_schema(), indices);
-        let reader = ObjectFile::new(Arc::clone(&self.store), file.path.clone(), file.size);
+        ProjectionMask::roots(file.metadata.parquet_schema(), indices)
+    }
+
+    /// Reads the raw bytes of `unit`'s column chunks for `columns` (one request, which the
+    /// store may coalesce): what [`Input::stream`] decodes, and what a row group's content
+    /// digest covers.
+    pub async fn fetch(&self, unit: &Unit, columns: &[&str]) -> Result<GroupBytes, InputError> {
+        let file = &self.files[unit.file];
+        let decode_error = |source| InputError::Decode {
+            file: file.uri.clone(),
+            row_group: unit.row_group,
+            source,
+        };
+        let mask = Self::projection(file, columns);
+        let group = file.metadata.metadata().row_group(unit.row_group);
+        let mut ranges = Vec::new();
+        for (leaf, column) in group.columns().iter().enumerate() {
+            if !mask.leaf_included(leaf) {
+                continue;
+            }
+            // Where the Parquet reader reads the chunk (its dictionary page first, if any).
+            let start = column
+                .dictionary_page_offset()
+                .unwrap_or(column.data_page_offset());
+            let end = start.checked_add(column.compressed_size());
+            match (
+                u64::try_from(start),
+                end.and_then(|e| u64::try_from(e).ok()),
+            ) {
+                (Ok(start), Some(end)) if start <= end && end <= file.size => {
+                    ranges.push(start..end)
+                }
+                _ => {
+                    return Err(decode_error(ParquetError::General(format!(
+                        "column {} lies outside the file ({} bytes at offset {start} of {})",
+                        column.column_path(),
+                        column.compressed_size(),
+                        file.size
+                    ))));
+                }
+            }
+        }
+        let mut reader = ObjectFile::new(Arc::clone(&self.store), file.path.clone(), file.size);
+        let chunks = reader
+            .get_byte_ranges(ranges.clone())
+            .await
+            .map_err(decode_error)?;
+        Ok(GroupBytes { ranges, chunks })
+    }
+
+    /// Streams `unit`'s row group in record batches of `batch_size` rows, decoding only
+    /// `columns`, from `fetched` (its [`Input::fetch`]; anything else the reader asks for is
+    /// read from the store).
+    pub fn stream(
+        &self,
+        unit: &Unit,
+        columns: &[&str],
+        batch_size: usize,
+        fetched: GroupBytes,
+    ) -> Result<ParquetRecordBatchStream<Prefetched>, InputError> {
+        let file = &self.files[unit.file];
+        let mask = Self::projection(file, columns);
+        let reader = Prefetched {
+            fetched,
+            store: ObjectFile::new(Arc::clone(&self.store), file.path.clone(), file.size),
+        };
         ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
             .with_row_groups(vec![unit.row_group])
             .with_projection(mask)
@@ -208,6 +265,64 @@ impl Input {
                 row_group: unit.row_group,
                 source,
             })
+    }
+}
+
+/// The raw column chunks of one row group, as read from the store.
+#[derive(Debug, Clone, Default)]
+pub struct GroupBytes {
+    /// Where each chunk lies in the file.
+    pub ranges: Vec<Range<u64>>,
+    /// The chunks, in the file's column order.
+    pub chunks: Vec<Bytes>,
+}
+
+impl GroupBytes {
+    /// The bytes of `range` if one chunk holds them all.
+    fn slice(&self, range: &Range<u64>) -> Option<Bytes> {
+        self.ranges
+            .iter()
+            .zip(&self.chunks)
+            .find(|(held, _)| held.start <= range.start && range.end <= held.end)
+            .and_then(|(held, chunk)| {
+                let from = usize::try_from(range.start - held.start).ok()?;
+                let to = usize::try_from(range.end - held.start).ok()?;
+                (to <= chunk.len()).then(|| chunk.slice(from..to))
+            })
+    }
+}
+
+/// A row group's chunks already read, served to the Parquet reader without reading them
+/// again; anything else it asks for comes from the store.
+pub struct Prefetched {
+    fetched: GroupBytes,
+    store: ObjectFile,
+}
+
+impl AsyncFileReader for Prefetched {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        match self.fetched.slice(&range) {
+            Some(bytes) => futures::future::ready(Ok(bytes)).boxed(),
+            None => self.store.get_bytes(range),
+        }
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        let held: Option<Vec<Bytes>> = ranges.iter().map(|r| self.fetched.slice(r)).collect();
+        match held {
+            Some(bytes) => futures::future::ready(Ok(bytes)).boxed(),
+            None => self.store.get_byte_ranges(ranges),
+        }
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        self.store.get_metadata(options)
     }
 }
 

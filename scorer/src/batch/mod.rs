@@ -17,7 +17,8 @@
 //! until that TTL. With nothing published yet (or a published generation without a bucket
 //! count, written by an older release), an incremental run is a full one. Unchanged rows
 //! are found through a per-row-group fingerprint index ([`index`]) rather than one read per
-//! entity.
+//! entity, and a row group whose raw bytes did not change ([`digest`]) is not decoded at
+//! all.
 //!
 //! **Layout.** Predictions live in hash buckets ([`millrace_crds::keys::BatchLayout`]); a
 //! full run sizes them from the whole input's row count, which every shard reads from the
@@ -35,6 +36,7 @@
 
 pub mod convert;
 pub mod decode;
+pub mod digest;
 pub mod index;
 pub mod input;
 pub mod progress;
@@ -179,6 +181,9 @@ pub struct Summary {
     pub skipped: u64,
     /// Entities whose features had not changed, so their prediction was kept (incremental).
     pub carried: u64,
+    /// Row groups an incremental run found unchanged by their content digest, and carried
+    /// whole without decoding them.
+    pub unread_groups: u64,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -392,6 +397,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
+    let mut unread_groups = 0u64;
     let missing = config.features.missing.clone();
 
     let plan = decode::DecodePlan {
@@ -405,6 +411,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         generation: target.clone(),
         layout: Arc::clone(&layout),
         known: base.is_some().then(|| Arc::clone(&writer)),
+        digest_seed: digest::seed(&id_column, &config.model.inputs, &config.features.missing),
+        ttl_ms,
     };
     let mut decoded = decode::start(plan, units, args.decoders);
     let model = Arc::new(
@@ -436,7 +444,18 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 progress.advance(batch.rows);
                 scoring.push(batch).await?;
             }
-            decode::Decoded::GroupDone(group, pairs) => scoring.group_done(group, pairs)?,
+            decode::Decoded::GroupDone(group, index) => scoring.group_done(group, index)?,
+            decode::Decoded::Unchanged {
+                rows: group_rows,
+                scored,
+            } => {
+                rows += group_rows;
+                skipped += group_rows - scored.min(group_rows);
+                progress.advance(group_rows);
+                scoring.carried += scored;
+                scoring.settled += scored;
+                unread_groups += 1;
+            }
         }
     }
     scoring.finish().await?;
@@ -479,10 +498,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         filled,
         skipped,
         carried,
+        unread_groups,
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, filled, skipped,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, filled, skipped,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

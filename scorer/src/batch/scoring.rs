@@ -21,7 +21,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::BatchError;
 use super::decode::DecodedBatch;
-use super::index::{self, IndexGate};
+use super::index::{self, GroupIndex, IndexGate};
 use super::writer::{Expect, FieldWrite, PredictionWriter, Previous};
 use crate::model::{Model, ModelError};
 
@@ -160,10 +160,10 @@ impl Scoring {
         self.reap()
     }
 
-    /// Every batch of `group` has been pushed; `pairs` is its new index, written once the
+    /// Every batch of `group` has been pushed; `index` is its new index, written once the
     /// group's predictions are.
-    pub fn group_done(&mut self, group: Group, pairs: Vec<(u64, u64)>) -> Result<(), BatchError> {
-        if let Some(ready) = self.gate.decoded(group, pairs) {
+    pub fn group_done(&mut self, group: Group, index: GroupIndex) -> Result<(), BatchError> {
+        if let Some(ready) = self.gate.decoded(group, index) {
             self.write_index(ready);
         }
         self.reap()
@@ -207,7 +207,7 @@ impl Scoring {
     }
 
     /// Writes the new index of a row group whose predictions are all in Redis.
-    fn write_index(&mut self, ((file, row_group), pairs): (Group, Vec<(u64, u64)>)) {
+    fn write_index(&mut self, ((file, row_group), group_index): (Group, GroupIndex)) {
         let key = self
             .index
             .keyspace
@@ -215,7 +215,7 @@ impl Scoring {
         let writer = Arc::clone(&self.writer);
         self.writes.spawn(async move {
             writer
-                .set_with_ttl(&key, index::encode(&pairs))
+                .set_with_ttl(&key, index::encode(&group_index))
                 .await
                 .map_err(|source| BatchError::Redis {
                     during: "writing the fingerprint index",
