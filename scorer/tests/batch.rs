@@ -1196,18 +1196,9 @@ async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
 
 /// A successful shard's (computed, carried, settled_by_index) from its summary line.
 fn shard_summary(out: &std::process::Output) -> (u64, u64, u64) {
-    let log = stderr(out);
-    assert!(out.status.success(), "{log}");
-    let field = |name: &str| -> u64 {
-        log.split(&format!(" {name}="))
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name}= in {log}"))
-    };
     (
-        field("computed"),
-        field("carried"),
-        field("settled_by_index"),
+        summary_field(out, "computed"),
+        summary_field(out, "carried"),
+        summary_field(out, "settled_by_index"),
     )
 }
