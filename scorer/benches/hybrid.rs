@@ -492,12 +492,13 @@ fn main() {
             .to_string()
     };
     println!(
-        "incremental, 10% changed: median {:.2} s of {} s (computed {}, carried {}, settled by the fingerprint index {}); {:.1}x faster than its round's full run (median; {:.1}-{:.1}x; target >= 5x), peak RSS {} MiB",
+        "incremental, 10% changed: median {:.2} s of {} s (computed {}, carried {}, settled by the fingerprint index {}, row groups carried unread {}); {:.1}x faster than its round's full run (median; {:.1}-{:.1}x; target >= 5x), peak RSS {} MiB",
         median(rounds.iter().map(|r| r.inc_time.as_secs_f64())),
         seconds_of(&mut rounds.iter().map(|r| r.inc_time)),
         field("computed"),
         field("carried"),
         field("settled_by_index"),
+        field("unread_groups"),
         median(ratios.iter().copied()),
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
