@@ -164,7 +164,8 @@ async fn decode_unit(
     let reading = read_index(plan, group);
     let columns: Vec<&str> = plan.columns.iter().map(String::as_str).collect();
     let fetched = plan.input.fetch(unit, &columns).await?;
-    let digest = digest::of_chunks(plan.digest_seed, &fetched.chunks);
+    let types = plan.input.column_types(unit.file, &columns);
+    let digest = digest::of_group(plan.digest_seed, &types, &fetched.chunks);
     let mut known: Option<KnownIndex> = match reading {
         Some(read) => Some(read.await.unwrap_or_default()),
         None => None,

@@ -38,6 +38,13 @@ pub fn seed(id_column: &str, inputs: &[String], missing: &MissingFeatures) -> u6
     of_chunks(0, std::slice::from_ref(&Bytes::from(settings)))
 }
 
+/// The digest of a row group: the types its file's schema gives the columns read (the
+/// same bytes read as another type are other values), then its `chunks`.
+pub fn of_group(seed: u64, column_types: &str, chunks: &[Bytes]) -> u64 {
+    let types = Bytes::copy_from_slice(column_types.as_bytes());
+    of_chunks(of_chunks(seed, std::slice::from_ref(&types)), chunks)
+}
+
 /// The digest of `chunks` (in order) under `seed`. Each chunk's length is folded in too,
 /// so moving a byte from one chunk to the next changes the digest.
 pub fn of_chunks(seed: u64, chunks: &[Bytes]) -> u64 {
@@ -127,6 +134,19 @@ mod tests {
         assert_ne!(
             of_chunks(1, &chunks(&[b"ab"])),
             of_chunks(1, &chunks(&[b"ab\0"]))
+        );
+    }
+
+    #[test]
+    fn a_group_read_as_other_types_has_another_digest() {
+        let bytes = chunks(&[b"0123456789abcdef"]);
+        assert_eq!(
+            of_group(1, "f:Float32;", &bytes),
+            of_group(1, "f:Float32;", &bytes)
+        );
+        assert_ne!(
+            of_group(1, "f:Float32;", &bytes),
+            of_group(1, "f:Int32;", &bytes)
         );
     }
 

@@ -182,6 +182,19 @@ impl Input {
         Ok(())
     }
 
+    /// `columns` with the types file `file`'s schema gives them (`name:type;` each), for a
+    /// row group's digest.
+    pub fn column_types(&self, file: usize, columns: &[&str]) -> String {
+        let schema = self.files[file].metadata.schema();
+        columns
+            .iter()
+            .map(|name| match schema.field_with_name(name) {
+                Ok(field) => format!("{name}:{:?};", field.data_type()),
+                Err(_) => format!("{name}:absent;"),
+            })
+            .collect()
+    }
+
     /// The projection of `columns` in `file`.
     fn projection(file: &InputFile, columns: &[&str]) -> ProjectionMask {
         let schema = file.metadata.schema();
