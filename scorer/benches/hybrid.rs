@@ -280,6 +280,16 @@ impl BatchRun<'_> {
     }
 }
 
+/// Field `name` of the last round's incremental summary line ("?" when absent).
+fn last_log_field(rounds: &[Round], name: &str) -> String {
+    rounds
+        .last()
+        .and_then(|r| r.log.split(&format!("{name}=")).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string()
+}
+
 /// The median of `values` (the mean of the middle two for an even count; 0 for none).
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
@@ -538,14 +548,7 @@ fn main() {
         .iter()
         .map(|r| r.full_time.as_secs_f64() / r.inc_time.as_secs_f64())
         .collect();
-    let last = rounds.last().map_or("", |r| r.log.as_str());
-    let field = |name: &str| {
-        last.split(&format!("{name}="))
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or("?")
-            .to_string()
-    };
+    let field = |name: &str| last_log_field(&rounds, name);
     println!(
         "incremental, 10% changed: median {:.2} s of {} s (computed {}, carried {}, settled by the fingerprint index {}, row groups carried unread {}); {:.1}x faster than its round's full run (median; {:.1}-{:.1}x; target >= 5x), peak RSS {} MiB",
         median(rounds.iter().map(|r| r.inc_time.as_secs_f64())),
@@ -586,14 +589,7 @@ fn main() {
     let part_rounds: Vec<Round> = (1..=batch_rounds)
         .map(|round| batch.round(&format!("part-{round}"), &mut conn))
         .collect();
-    let last = part_rounds.last().map_or("", |r| r.log.as_str());
-    let field = |name: &str| {
-        last.split(&format!("{name}="))
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or("?")
-            .to_string()
-    };
+    let field = |name: &str| last_log_field(&part_rounds, name);
     println!(
         "incremental, 1 of 4 files rewritten (10% of its rows changed): median {:.2} s against a {:.2} s full run of the same table (computed {}, carried {}, row groups carried unread {}); {:.1}x faster (median of {batch_rounds})",
         median(part_rounds.iter().map(|r| r.inc_time.as_secs_f64())),
