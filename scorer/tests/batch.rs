@@ -956,6 +956,26 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
             assert_eq!(after[i], before[i], "e{i} carried untouched");
         }
     }
+    assert!(
+        summary_field(&out, "bytes_read") > 0,
+        "copied files are new versions: read, and found unchanged by their digest"
+    );
+    // Now every index names the version it was read from: nothing is read at all.
+    let again = run_batch(
+        &config_file(setup.dir.path(), &incremental),
+        &server.url(),
+        "g-inc1",
+        1,
+        0,
+    );
+    assert_eq!(
+        (
+            summary_field(&again, "unread_groups"),
+            summary_field(&again, "bytes_read"),
+            summary_field(&again, "computed")
+        ),
+        (6, 0, 0)
+    );
     // The unread groups' indexes live on with the buckets.
     let ks = Keyspace::new("ml/churn", "3");
     let ttl: i64 = conn
@@ -986,6 +1006,40 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
         ),
         (0, 0, 600)
     );
+}
+
+/// Bytes are read only from the file version that was listed: a file rewritten after the
+/// listing fails with a message saying so, and is never decoded against the old footer.
+#[tokio::test]
+async fn a_file_rewritten_after_it_was_listed_is_refused() {
+    use millrace_scorer::batch::input::{Input, InputError};
+    use millrace_scorer::batch::shard::Unit;
+
+    let setup = Setup::new();
+    let path = setup.lake().join("p.parquet");
+    write_parquet(&path, &(0..100).collect::<Vec<_>>(), 50);
+    let input = Input::open(&format!("file://{}", path.display()))
+        .await
+        .expect("open");
+    let unit = Unit {
+        file: 0,
+        row_group: 1,
+        rows: 50,
+    };
+    let columns = ["user_id", "tenure"];
+    assert!(input.fetch(&unit, &columns).await.is_ok());
+    std::thread::sleep(Duration::from_millis(10));
+    write_parquet(&path, &(100..200).collect::<Vec<_>>(), 50);
+    match input.fetch(&unit, &columns).await {
+        Err(error @ InputError::Changed { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("p.parquet") && message.contains("changed while this run read it"),
+                "{message}"
+            );
+        }
+        other => panic!("expected Changed, got {:?}", other.map(|b| b.bytes_read)),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1071,9 +1125,12 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     let out = run_batch(&cfg, &server.url(), "g-inc2", 1, 0);
     assert_eq!(shard_summary(&out), (0, 1005, 1005));
     assert_eq!(
-        summary_field(&out, "unread_groups"),
-        11,
-        "every row group is as the last run left it: none is decoded"
+        (
+            summary_field(&out, "unread_groups"),
+            summary_field(&out, "bytes_read")
+        ),
+        (11, 0),
+        "every file is the version the last run read: no row group is even read"
     );
 
     // Without the index (lost, or a table laid out anew) the answer is the same, found the

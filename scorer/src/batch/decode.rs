@@ -1,10 +1,12 @@
 //! The decoding stage of a batch shard: Parquet row groups decoded, every row checked and
 //! fingerprinted, by several tasks at once (`--decoders`, default 2), so on a machine with
 //! more than one core decoding no longer waits on itself. Each decoder reads its row group's
-//! column chunks itself and digests them ([`super::digest`]). In an incremental run it also
-//! reads the group's fingerprint index: a group whose digest the index holds is carried
-//! whole, undecoded; otherwise it drops the rows it finds unchanged, so only changed or
-//! unknown rows are turned into model input and sent on. Batches reach the
+//! column chunks itself (only if the file is still the version listed) and digests them
+//! ([`super::digest`]). In an incremental run it first asks whether the group's index was
+//! read from the same file version (then the group is carried without being read), then
+//! reads the index: a group whose digest it holds is carried whole, undecoded; otherwise it
+//! drops the rows it finds unchanged, so only changed or unknown rows are turned into model
+//! input and sent on. Batches reach the
 //! scoring stage through a bounded channel (memory stays flat: at most a few batches wait),
 //! each row group's end is announced with its new index, and the first error stops the
 //! shard.
@@ -19,7 +21,7 @@ use tokio::sync::mpsc;
 use super::BatchError;
 use super::convert::{Location, scan};
 use super::digest;
-use super::index::{GroupIndex, KnownIndex, SeenTwice};
+use super::index::{self, GroupIndex, KnownIndex, SeenTwice};
 use super::input::{Input, InputError};
 use super::scoring::{Expected, Group};
 use super::shard::Unit;
@@ -61,7 +63,14 @@ pub enum Decoded {
     /// Every batch of this row group has been sent; its new fingerprint index (its digest,
     /// the entity hash and fingerprint of every scored row, in order) is to be written once
     /// its writes land.
-    GroupDone(Group, GroupIndex),
+    GroupDone {
+        /// The row group.
+        group: Group,
+        /// Its new index.
+        index: GroupIndex,
+        /// Bytes read from the store for it.
+        bytes_read: u64,
+    },
     /// An incremental run found the row group's content digest in its index: the group was
     /// not decoded, and every row it scored last time is carried.
     Unchanged {
@@ -70,6 +79,9 @@ pub enum Decoded {
         /// Of them, rows scored when the index was written (the others were skipped for a
         /// missing feature).
         scored: u64,
+        /// Bytes read from the store for it: none when the file was still the version the
+        /// index was read from.
+        bytes_read: u64,
     },
 }
 
@@ -161,9 +173,47 @@ async fn decode_unit(
         .get(unit.file)
         .map(|f| f.uri.clone())
         .unwrap_or_default();
-    let reading = read_index(plan, group);
     let columns: Vec<&str> = plan.columns.iter().map(String::as_str).collect();
+    let version = plan
+        .input
+        .version(unit.file)
+        .map_or(0, |tag| digest::of_version(plan.digest_seed, tag));
+    let index_key = plan
+        .keyspace
+        .fingerprint_index(&plan.generation, group.0, group.1);
+    // The file is the version the index was read from: the group is not even read.
+    if let Some(writer) = &plan.known
+        && version != 0
+    {
+        let mut keep = redis::cmd("EVAL");
+        keep.arg(index::KEEP_IF_READ_FROM)
+            .arg(1)
+            .arg(&index_key)
+            .arg(&version.to_le_bytes()[..])
+            .arg(plan.ttl_ms)
+            .arg(index::FORMAT_WITH_VERSION);
+        let scored: i64 =
+            writer
+                .command(&index_key, &keep)
+                .await
+                .map_err(|source| BatchError::Redis {
+                    during: "reading a row group's index",
+                    source,
+                })?;
+        if let Ok(scored) = u64::try_from(scored) {
+            let _ = tx
+                .send(Ok(Decoded::Unchanged {
+                    rows: unit.rows,
+                    scored,
+                    bytes_read: 0,
+                }))
+                .await;
+            return Ok(());
+        }
+    }
+    let reading = read_index(plan, group);
     let fetched = plan.input.fetch(unit, &columns).await?;
+    let bytes_read = fetched.bytes_read;
     let types = plan.input.column_types(unit.file, &columns);
     let digest = digest::of_group(plan.digest_seed, &types, &fetched.chunks);
     let mut known: Option<KnownIndex> = match reading {
@@ -174,20 +224,24 @@ async fn decode_unit(
         && index.describes(digest)
     {
         // The same bytes as when the index was written: the same rows, scored as they are.
-        let key = plan
-            .keyspace
-            .fingerprint_index(&plan.generation, group.0, group.1);
-        let _: i64 = writer
-            .command(&key, redis::cmd("PEXPIRE").arg(&key).arg(plan.ttl_ms))
+        // The index is written again, now with the version these bytes were read from.
+        let kept = GroupIndex {
+            digest,
+            version,
+            pairs: index.pairs().to_vec(),
+        };
+        writer
+            .set_with_ttl(&index_key, index::encode(&kept))
             .await
             .map_err(|source| BatchError::Redis {
-                during: "refreshing the TTL of an unchanged row group's index",
+                during: "keeping an unchanged row group's index",
                 source,
             })?;
         let _ = tx
             .send(Ok(Decoded::Unchanged {
                 rows: unit.rows,
                 scored: index.len() as u64,
+                bytes_read,
             }))
             .await;
         return Ok(());
@@ -274,7 +328,17 @@ async fn decode_unit(
             return Ok(()); // the shard stopped
         }
     }
-    let index = GroupIndex { digest, pairs };
-    let _ = tx.send(Ok(Decoded::GroupDone(group, index))).await;
+    let index = GroupIndex {
+        digest,
+        version,
+        pairs,
+    };
+    let _ = tx
+        .send(Ok(Decoded::GroupDone {
+            group,
+            index,
+            bytes_read,
+        }))
+        .await;
     Ok(())
 }

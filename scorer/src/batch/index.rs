@@ -9,8 +9,9 @@
 //! caught). Only rows the index does not know (new entities, or a row group laid out anew)
 //! are read back and compared with the fingerprint inside their stored value, as without an
 //! index. Every run writes the index of each row group it scored, with the digest of the
-//! group's raw bytes ([`super::digest`]): an incremental run that finds a group's digest
-//! unchanged carries all its rows without decoding it, and leaves its index as it is.
+//! group's raw bytes and the version of the file they were read from ([`super::digest`]):
+//! an incremental run that finds the file's version unchanged carries all the group's rows
+//! without reading it; one that finds its digest unchanged, without decoding it.
 //!
 //! The index is trusted: a prediction evicted from Redis while its index entry stays would
 //! not be recomputed until the next full run (the same TTL makes both expire together).
@@ -27,12 +28,24 @@ use std::collections::HashMap;
 
 use super::scoring::Group;
 
-/// The first byte of an encoded index: its format. 3: the row group's content digest
-/// ([`super::digest`]), then fingerprints of [`millrace_crds::keys::features_fingerprint`]'s
-/// version 2. Format 2 (the same fingerprints, no digest) still reads, without a digest, so
-/// its rows are decoded and compared as before; format 1 reads as empty (its rows go the
-/// exact way once).
+/// The first byte of an encoded index: its format. 3: the row group's content digest and
+/// the token of the file version it was read from ([`super::digest`]), then fingerprints
+/// of [`millrace_crds::keys::features_fingerprint`]'s version 2. Format 2 (the same
+/// fingerprints, neither digest nor token) still reads, so its rows are decoded and compared
+/// as before; format 1 reads as empty (its rows go the exact way once).
 const FORMAT: u8 = 3;
+
+/// Refreshes the TTL of an index written from the file version whose token is ARGV[1] (8
+/// bytes, little-endian) and returns how many rows it holds; -1, and nothing done, for any
+/// other (or none). One round trip, reading 17 bytes of the index instead of all of it.
+pub const KEEP_IF_READ_FROM: &str = "local head = redis.call('GETRANGE', KEYS[1], 0, 16) \
+if string.len(head) == 17 and string.byte(head, 1) == tonumber(ARGV[3]) and string.sub(head, 10, 17) == ARGV[1] then \
+redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
+return (redis.call('STRLEN', KEYS[1]) - 17) / 16 end \
+return -1";
+
+/// The format byte [`KEEP_IF_READ_FROM`] expects.
+pub const FORMAT_WITH_VERSION: u8 = FORMAT;
 
 /// Format 2: pairs without a digest.
 const FORMAT_WITHOUT_DIGEST: u8 = 2;
@@ -41,21 +54,26 @@ const FORMAT_WITHOUT_DIGEST: u8 = 2;
 /// picks its bucket).
 pub use millrace_crds::keys::entity_hash as id_hash;
 
-/// What a run learned about one row group: the digest of its content and the (entity hash,
-/// fingerprint) of every row it scored, in order.
+/// What a run learned about one row group: where its bytes came from, what they were, and
+/// the (entity hash, fingerprint) of every row it scored, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupIndex {
-    /// [`super::digest::of_chunks`] of the group's column chunks.
+    /// [`super::digest::of_group`] of the group's column chunks.
     pub digest: u64,
+    /// [`super::digest::of_version`] of the file version (ETag) the chunks were read from,
+    /// under a condition that it had not changed; 0 when the store gives no version.
+    pub version: u64,
     /// (entity hash, fingerprint) per scored row.
     pub pairs: Vec<(u64, u64)>,
 }
 
-/// An index as stored: the format byte, the digest, then 16 bytes per pair.
+/// An index as stored: the format byte, the digest, the version token, then 16 bytes per
+/// pair.
 pub fn encode(index: &GroupIndex) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + index.pairs.len() * 16);
+    let mut out = Vec::with_capacity(17 + index.pairs.len() * 16);
     out.push(FORMAT);
     out.extend_from_slice(&index.digest.to_le_bytes());
+    out.extend_from_slice(&index.version.to_le_bytes());
     for (id, fingerprint) in &index.pairs {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(&fingerprint.to_le_bytes());
@@ -63,20 +81,32 @@ pub fn encode(index: &GroupIndex) -> Vec<u8> {
     out
 }
 
-/// The digest (format 3 only) and pairs of a stored index; nothing for anything that is not
-/// one (a missing, truncated or foreign value makes every row of the group go the slow,
-/// exact way).
-pub fn decode(bytes: &[u8]) -> (Option<u64>, Vec<(u64, u64)>) {
-    let (digest, body) = match bytes.split_first() {
-        Some((&FORMAT, rest)) if rest.len() >= 8 => {
-            let (digest, body) = rest.split_at(8);
-            (Some(word(digest)), body)
+/// A stored index as read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// The content digest (format 3).
+    pub digest: Option<u64>,
+    /// The version token (format 3, when the store gave one).
+    pub version: Option<u64>,
+    /// (entity hash, fingerprint) per scored row.
+    pub pairs: Vec<(u64, u64)>,
+}
+
+/// A stored index; empty for anything that is not one (a missing, truncated or foreign
+/// value makes every row of the group go the slow, exact way).
+pub fn decode(bytes: &[u8]) -> Stored {
+    let (digest, version, body) = match bytes.split_first() {
+        Some((&FORMAT, rest)) if rest.len() >= 16 => {
+            let (head, body) = rest.split_at(16);
+            let (digest, version) = head.split_at(8);
+            let version = word(version);
+            (Some(word(digest)), (version != 0).then_some(version), body)
         }
-        Some((&FORMAT_WITHOUT_DIGEST, body)) => (None, body),
-        _ => return (None, Vec::new()),
+        Some((&FORMAT_WITHOUT_DIGEST, body)) => (None, None, body),
+        _ => return Stored::default(),
     };
     if body.len() % 16 != 0 {
-        return (None, Vec::new());
+        return Stored::default();
     }
     let pairs = body
         .chunks_exact(16)
@@ -85,7 +115,11 @@ pub fn decode(bytes: &[u8]) -> (Option<u64>, Vec<(u64, u64)>) {
             (word(id), word(fingerprint))
         })
         .collect();
-    (digest, pairs)
+    Stored {
+        digest,
+        version,
+        pairs,
+    }
 }
 
 fn word(bytes: &[u8]) -> u64 {
@@ -97,6 +131,8 @@ fn word(bytes: &[u8]) -> u64 {
 pub struct KnownIndex {
     /// The content digest of the row group it was written for (format 3).
     digest: Option<u64>,
+    /// The version token of the file it was read from (format 3, when there was one).
+    version: Option<u64>,
     pairs: Vec<(u64, u64)>,
     /// Entity hash → its pair, built only when the layout moved.
     by_id: Option<HashMap<u64, usize>>,
@@ -112,9 +148,14 @@ pub struct SeenTwice;
 impl KnownIndex {
     /// The index stored as `bytes` (empty when there is none).
     pub fn from_stored(bytes: Option<&[u8]>) -> Self {
-        let (digest, pairs) = bytes.map(decode).unwrap_or_default();
+        let Stored {
+            digest,
+            version,
+            pairs,
+        } = bytes.map(decode).unwrap_or_default();
         Self {
             digest,
+            version,
             matched: vec![false; pairs.len()],
             pairs,
             by_id: None,
@@ -122,9 +163,21 @@ impl KnownIndex {
     }
 
     /// Whether the index was written for a row group of content `digest`: then every row
-    /// of the group is as it was scored, and nothing of it needs reading.
+    /// of the group is as it was scored, and nothing of it needs decoding.
     pub fn describes(&self, digest: u64) -> bool {
         self.digest == Some(digest)
+    }
+
+    /// Whether the index was written from the file version whose token is `version` (the
+    /// file has not changed since, so neither has the group): then nothing of the group
+    /// needs reading at all.
+    pub fn read_from(&self, version: u64) -> bool {
+        version != 0 && self.version == Some(version)
+    }
+
+    /// Its (entity hash, fingerprint) pairs, in the order written.
+    pub fn pairs(&self) -> &[(u64, u64)] {
+        &self.pairs
     }
 
     /// The rows it knows (the group's scored rows when it was written).
@@ -222,6 +275,15 @@ mod tests {
     fn index(pairs: &[(u64, u64)]) -> GroupIndex {
         GroupIndex {
             digest: 42,
+            version: 7,
+            pairs: pairs.to_vec(),
+        }
+    }
+
+    fn stored(digest: Option<u64>, version: Option<u64>, pairs: &[(u64, u64)]) -> Stored {
+        Stored {
+            digest,
+            version,
             pairs: pairs.to_vec(),
         }
     }
@@ -229,22 +291,33 @@ mod tests {
     #[test]
     fn an_index_round_trips_and_garbage_decodes_to_nothing() {
         let pairs = vec![(id_hash("u1"), 7), (id_hash("u2"), 9)];
-        assert_eq!(decode(&encode(&index(&pairs))), (Some(42), pairs.clone()));
-        assert_eq!(decode(b""), (None, vec![]));
-        assert_eq!(decode(&[FORMAT, 1, 2, 3]), (None, vec![]));
-        assert_eq!(decode(&[9; 25]), (None, vec![]));
+        assert_eq!(
+            decode(&encode(&index(&pairs))),
+            stored(Some(42), Some(7), &pairs)
+        );
+        let unversioned = GroupIndex {
+            version: 0,
+            ..index(&pairs)
+        };
+        assert_eq!(
+            decode(&encode(&unversioned)),
+            stored(Some(42), None, &pairs)
+        );
+        assert_eq!(decode(b""), Stored::default());
+        assert_eq!(decode(&[FORMAT, 1, 2, 3]), Stored::default());
+        assert_eq!(decode(&[9; 33]), Stored::default());
         let mut truncated = encode(&index(&pairs));
         truncated.pop();
-        assert_eq!(decode(&truncated), (None, vec![]));
-        // Format 2: the same pairs, no digest.
+        assert_eq!(decode(&truncated), Stored::default());
+        // Format 2: the same pairs, neither digest nor version.
         let mut format_2 = vec![FORMAT_WITHOUT_DIGEST];
-        format_2.extend_from_slice(&encode(&index(&pairs))[9..]);
-        assert_eq!(decode(&format_2), (None, pairs.clone()));
+        format_2.extend_from_slice(&encode(&index(&pairs))[17..]);
+        assert_eq!(decode(&format_2), stored(None, None, &pairs));
         let mut format_1 = format_2.clone();
         format_1[0] = 1;
         assert_eq!(
             decode(&format_1),
-            (None, vec![]),
+            Stored::default(),
             "format 1 holds other fingerprints"
         );
         assert_ne!(id_hash("u1"), id_hash("u2"));
@@ -252,14 +325,16 @@ mod tests {
 
     #[test]
     fn only_an_index_of_format_3_vouches_for_a_whole_group() {
-        let stored = encode(&index(&[(1, 2)]));
-        let known = KnownIndex::from_stored(Some(&stored));
-        assert!(known.describes(42));
-        assert!(!known.describes(43));
+        let written = encode(&index(&[(1, 2)]));
+        let known = KnownIndex::from_stored(Some(&written));
+        assert!(known.describes(42) && known.read_from(7));
+        assert!(!known.describes(43) && !known.read_from(8));
+        assert!(!known.read_from(0), "no version is no proof");
         assert_eq!(known.len(), 1);
         let mut format_2 = vec![FORMAT_WITHOUT_DIGEST];
-        format_2.extend_from_slice(&stored[9..]);
-        assert!(!KnownIndex::from_stored(Some(&format_2)).describes(42));
+        format_2.extend_from_slice(&written[17..]);
+        let old = KnownIndex::from_stored(Some(&format_2));
+        assert!(!old.describes(42) && !old.read_from(7));
         assert!(!KnownIndex::from_stored(None).describes(0));
     }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
@@ -67,6 +67,16 @@ pub enum InputError {
         /// The columns it has.
         available: Vec<String>,
     },
+    /// A file changed while the run read it (its version is no longer the one listed).
+    #[error(
+        "{file}: changed while this run read it (it is no longer version {version}); rerun the batch once the input stops changing"
+    )]
+    Changed {
+        /// The file.
+        file: String,
+        /// The version listed.
+        version: String,
+    },
     /// Decoding a row group failed.
     #[error("{file}: row group {row_group}: {source}")]
     Decode {
@@ -86,6 +96,8 @@ pub struct InputFile {
     pub uri: String,
     path: ObjectPath,
     size: u64,
+    /// The store's version of the object when it was listed (its ETag), if it has one.
+    e_tag: Option<String>,
     metadata: ArrowReaderMetadata,
 }
 
@@ -105,21 +117,22 @@ impl Input {
             uri: uri.to_string(),
             source,
         };
-        let mut objects: Vec<(ObjectPath, u64)> = if path.as_ref().ends_with(".parquet") {
-            let meta = store.head(&path).await.map_err(store_error)?;
-            vec![(meta.location, meta.size)]
-        } else {
-            let prefix = (!path.as_ref().is_empty()).then_some(&path);
-            store
-                .list(prefix)
-                .try_filter(|meta| {
-                    futures::future::ready(meta.location.as_ref().ends_with(".parquet"))
-                })
-                .map_ok(|meta| (meta.location, meta.size))
-                .try_collect()
-                .await
-                .map_err(store_error)?
-        };
+        let mut objects: Vec<(ObjectPath, u64, Option<String>)> =
+            if path.as_ref().ends_with(".parquet") {
+                let meta = store.head(&path).await.map_err(store_error)?;
+                vec![(meta.location, meta.size, meta.e_tag)]
+            } else {
+                let prefix = (!path.as_ref().is_empty()).then_some(&path);
+                store
+                    .list(prefix)
+                    .try_filter(|meta| {
+                        futures::future::ready(meta.location.as_ref().ends_with(".parquet"))
+                    })
+                    .map_ok(|meta| (meta.location, meta.size, meta.e_tag))
+                    .try_collect()
+                    .await
+                    .map_err(store_error)?
+            };
         objects.sort();
         if objects.is_empty() {
             return Err(InputError::Empty {
@@ -128,7 +141,7 @@ impl Input {
         }
         let base = uri_base(uri);
         let mut files = Vec::with_capacity(objects.len());
-        for (path, size) in objects {
+        for (path, size, e_tag) in objects {
             let file_uri = format!("{base}{path}");
             let mut reader = ObjectFile::new(Arc::clone(&store), path.clone(), size);
             let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
@@ -144,6 +157,7 @@ impl Input {
                 uri: file_uri,
                 path,
                 size,
+                e_tag,
                 metadata,
             });
         }
@@ -180,6 +194,11 @@ impl Input {
             }
         }
         Ok(())
+    }
+
+    /// The version (ETag) file `file` had when it was listed, if the store gives one.
+    pub fn version(&self, file: usize) -> Option<&str> {
+        self.files.get(file).and_then(|f| f.e_tag.as_deref())
     }
 
     /// `columns` with the types file `file`'s schema gives them (`name:type;` each), for a
@@ -244,12 +263,54 @@ impl Input {
                 }
             }
         }
-        let mut reader = ObjectFile::new(Arc::clone(&self.store), file.path.clone(), file.size);
-        let chunks = reader
-            .get_byte_ranges(ranges.clone())
+        // Nearby chunks are read together, each span only if the object is still the
+        // version listed: the bytes then belong to that version, which the index records.
+        let spans = coalesce(&ranges, COALESCE_GAP);
+        let reads = spans.iter().map(|span| {
+            let options = GetOptions {
+                range: Some(span.clone().into()),
+                if_match: file.e_tag.clone(),
+                ..GetOptions::default()
+            };
+            async move {
+                let result = self.store.get_opts(&file.path, options).await?;
+                result.bytes().await
+            }
+        });
+        let read = futures::future::try_join_all(reads)
             .await
-            .map_err(decode_error)?;
-        Ok(GroupBytes { ranges, chunks })
+            .map_err(|error| match (error, &file.e_tag) {
+                (object_store::Error::Precondition { .. }, Some(version)) => InputError::Changed {
+                    file: file.uri.clone(),
+                    version: version.clone(),
+                },
+                (error, _) => decode_error(external(error)),
+            })?;
+        let chunks = ranges
+            .iter()
+            .map(|range| {
+                spans
+                    .iter()
+                    .zip(&read)
+                    .find(|(span, _)| span.start <= range.start && range.end <= span.end)
+                    .and_then(|(span, bytes)| {
+                        let from = usize::try_from(range.start - span.start).ok()?;
+                        let to = usize::try_from(range.end - span.start).ok()?;
+                        (to <= bytes.len()).then(|| bytes.slice(from..to))
+                    })
+                    .ok_or_else(|| {
+                        decode_error(ParquetError::General(format!(
+                            "the store returned fewer bytes than asked for at {range:?}"
+                        )))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bytes_read = read.iter().map(|b| b.len() as u64).sum();
+        Ok(GroupBytes {
+            ranges,
+            chunks,
+            bytes_read,
+        })
     }
 
     /// Streams `unit`'s row group in record batches of `batch_size` rows, decoding only
@@ -281,6 +342,26 @@ impl Input {
     }
 }
 
+/// Chunks this close together are read in one request (the gap read and dropped): one
+/// round trip instead of two to an object store costs more than a megabyte of transfer.
+const COALESCE_GAP: u64 = 1 << 20;
+
+/// `ranges` (in file order) merged where they overlap or lie less than `gap` apart.
+fn coalesce(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_by_key(|r| r.start);
+    let mut spans: Vec<Range<u64>> = Vec::new();
+    for range in sorted {
+        match spans.last_mut() {
+            Some(last) if range.start <= last.end.saturating_add(gap) => {
+                last.end = last.end.max(range.end);
+            }
+            _ => spans.push(range),
+        }
+    }
+    spans
+}
+
 /// The raw column chunks of one row group, as read from the store.
 #[derive(Debug, Clone, Default)]
 pub struct GroupBytes {
@@ -288,6 +369,8 @@ pub struct GroupBytes {
     pub ranges: Vec<Range<u64>>,
     /// The chunks, in the file's column order.
     pub chunks: Vec<Bytes>,
+    /// Bytes read from the store for them (gaps between nearby chunks included).
+    pub bytes_read: u64,
 }
 
 impl GroupBytes {
@@ -403,5 +486,18 @@ fn uri_base(uri: &str) -> String {
         Ok(url) if url.scheme() == "file" => "file:///".to_string(),
         Ok(url) => format!("{}://{}/", url.scheme(), url.authority()),
         Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearby_ranges_are_read_together_and_far_ones_apart() {
+        assert_eq!(coalesce(&[0..10, 10..20, 25..30], 5), vec![0..30]);
+        assert_eq!(coalesce(&[0..10, 16..20], 5), vec![0..10, 16..20]);
+        assert_eq!(coalesce(&[40..50, 0..10, 5..12], 0), vec![0..12, 40..50]);
+        assert!(coalesce(&[], 5).is_empty());
     }
 }

@@ -181,9 +181,11 @@ pub struct Summary {
     pub skipped: u64,
     /// Entities whose features had not changed, so their prediction was kept (incremental).
     pub carried: u64,
-    /// Row groups an incremental run found unchanged by their content digest, and carried
-    /// whole without decoding them.
+    /// Row groups an incremental run found unchanged (the file still the version its index
+    /// was read from, or the same content digest), and carried whole without decoding them.
     pub unread_groups: u64,
+    /// Bytes read from the input store.
+    pub bytes_read: u64,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -397,7 +399,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
-    let mut unread_groups = 0u64;
+    let (mut unread_groups, mut bytes_read) = (0u64, 0u64);
     let missing = config.features.missing.clone();
 
     let plan = decode::DecodePlan {
@@ -444,11 +446,20 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 progress.advance(batch.rows);
                 scoring.push(batch).await?;
             }
-            decode::Decoded::GroupDone(group, index) => scoring.group_done(group, index)?,
+            decode::Decoded::GroupDone {
+                group,
+                index,
+                bytes_read: read,
+            } => {
+                bytes_read += read;
+                scoring.group_done(group, index)?
+            }
             decode::Decoded::Unchanged {
                 rows: group_rows,
                 scored,
+                bytes_read: read,
             } => {
+                bytes_read += read;
                 rows += group_rows;
                 skipped += group_rows - scored.min(group_rows);
                 progress.advance(group_rows);
@@ -499,10 +510,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         skipped,
         carried,
         unread_groups,
+        bytes_read,
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, filled, skipped,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, filled, skipped,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );
