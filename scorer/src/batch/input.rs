@@ -286,26 +286,22 @@ impl Input {
                 },
                 (error, _) => decode_error(external(error)),
             })?;
+        let bytes_read = read.iter().map(|b| b.len() as u64).sum();
+        let spans = GroupBytes {
+            ranges: spans,
+            chunks: read,
+            bytes_read,
+        };
         let chunks = ranges
             .iter()
             .map(|range| {
-                spans
-                    .iter()
-                    .zip(&read)
-                    .find(|(span, _)| span.start <= range.start && range.end <= span.end)
-                    .and_then(|(span, bytes)| {
-                        let from = usize::try_from(range.start - span.start).ok()?;
-                        let to = usize::try_from(range.end - span.start).ok()?;
-                        (to <= bytes.len()).then(|| bytes.slice(from..to))
-                    })
-                    .ok_or_else(|| {
-                        decode_error(ParquetError::General(format!(
-                            "the store returned fewer bytes than asked for at {range:?}"
-                        )))
-                    })
+                spans.slice(range).ok_or_else(|| {
+                    decode_error(ParquetError::General(format!(
+                        "the store returned fewer bytes than asked for at {range:?}"
+                    )))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let bytes_read = read.iter().map(|b| b.len() as u64).sum();
         Ok(GroupBytes {
             ranges,
             chunks,
