@@ -161,6 +161,51 @@ fn read_index(plan: &DecodePlan, group: Group) -> Option<tokio::task::JoinHandle
     }))
 }
 
+/// In an incremental run, when `index_key` was written from the file version whose token
+/// is `version`: refreshes its TTL and returns how many rows it scored. One round trip.
+async fn kept_by_version(
+    plan: &DecodePlan,
+    index_key: &str,
+    version: u64,
+) -> Result<Option<u64>, BatchError> {
+    let Some(writer) = plan.known.as_ref().filter(|_| version != 0) else {
+        return Ok(None);
+    };
+    let mut keep = redis::cmd("EVAL");
+    keep.arg(index::KEEP_IF_READ_FROM)
+        .arg(1)
+        .arg(index_key)
+        .arg(&version.to_le_bytes()[..])
+        .arg(plan.ttl_ms)
+        .arg(index::FORMAT_WITH_VERSION);
+    let scored: i64 =
+        writer
+            .command(index_key, &keep)
+            .await
+            .map_err(|source| BatchError::Redis {
+                during: "reading a row group's index",
+                source,
+            })?;
+    Ok(u64::try_from(scored).ok())
+}
+
+/// Announces `unit` carried whole: `scored` of its rows as the index has them.
+async fn carried_whole(
+    tx: &mpsc::Sender<Result<Decoded, BatchError>>,
+    unit: &Unit,
+    scored: u64,
+    bytes_read: u64,
+) -> Result<(), BatchError> {
+    let _ = tx
+        .send(Ok(Decoded::Unchanged {
+            rows: unit.rows,
+            scored,
+            bytes_read,
+        }))
+        .await;
+    Ok(())
+}
+
 async fn decode_unit(
     plan: &DecodePlan,
     unit: &Unit,
@@ -182,34 +227,8 @@ async fn decode_unit(
         .keyspace
         .fingerprint_index(&plan.generation, group.0, group.1);
     // The file is the version the index was read from: the group is not even read.
-    if let Some(writer) = &plan.known
-        && version != 0
-    {
-        let mut keep = redis::cmd("EVAL");
-        keep.arg(index::KEEP_IF_READ_FROM)
-            .arg(1)
-            .arg(&index_key)
-            .arg(&version.to_le_bytes()[..])
-            .arg(plan.ttl_ms)
-            .arg(index::FORMAT_WITH_VERSION);
-        let scored: i64 =
-            writer
-                .command(&index_key, &keep)
-                .await
-                .map_err(|source| BatchError::Redis {
-                    during: "reading a row group's index",
-                    source,
-                })?;
-        if let Ok(scored) = u64::try_from(scored) {
-            let _ = tx
-                .send(Ok(Decoded::Unchanged {
-                    rows: unit.rows,
-                    scored,
-                    bytes_read: 0,
-                }))
-                .await;
-            return Ok(());
-        }
+    if let Some(scored) = kept_by_version(plan, &index_key, version).await? {
+        return carried_whole(tx, unit, scored, 0).await;
     }
     let reading = read_index(plan, group);
     let fetched = plan.input.fetch(unit, &columns).await?;
@@ -237,14 +256,7 @@ async fn decode_unit(
                 during: "keeping an unchanged row group's index",
                 source,
             })?;
-        let _ = tx
-            .send(Ok(Decoded::Unchanged {
-                rows: unit.rows,
-                scored: index.len() as u64,
-                bytes_read,
-            }))
-            .await;
-        return Ok(());
+        return carried_whole(tx, unit, index.len() as u64, bytes_read).await;
     }
     let mut stream = plan
         .input
