@@ -146,11 +146,9 @@ pub fn start(
 
 /// Reads row group `group`'s index in the background; a failed or missing read is an empty
 /// index (every row then goes the exact way).
-fn read_index(plan: &DecodePlan, group: Group) -> Option<tokio::task::JoinHandle<KnownIndex>> {
+fn read_index(plan: &DecodePlan, key: &str) -> Option<tokio::task::JoinHandle<KnownIndex>> {
     let writer = Arc::clone(plan.known.as_ref()?);
-    let key = plan
-        .keyspace
-        .fingerprint_index(&plan.generation, group.0, group.1);
+    let key = key.to_string();
     Some(tokio::spawn(async move {
         let stored = writer
             .read(std::slice::from_ref(&key))
@@ -230,7 +228,7 @@ async fn decode_unit(
     if let Some(scored) = kept_by_version(plan, &index_key, version).await? {
         return carried_whole(tx, unit, scored, 0).await;
     }
-    let reading = read_index(plan, group);
+    let reading = read_index(plan, &index_key);
     let fetched = plan.input.fetch(unit, &columns).await?;
     let bytes_read = fetched.bytes_read;
     let types = plan.input.column_types(unit.file, &columns);
@@ -249,8 +247,7 @@ async fn decode_unit(
             version,
             pairs: index.pairs().to_vec(),
         };
-        writer
-            .set_with_ttl(&index_key, index::encode(&kept))
+        index::store(writer, &index_key, &kept)
             .await
             .map_err(|source| BatchError::Redis {
                 during: "keeping an unchanged row group's index",

@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 
 use super::scoring::Group;
+use super::writer::PredictionWriter;
 
 /// The first byte of an encoded index: its format. 3: the row group's content digest and
 /// the token of the file version it was read from ([`super::digest`]), then fingerprints
@@ -79,6 +80,16 @@ pub fn encode(index: &GroupIndex) -> Vec<u8> {
         out.extend_from_slice(&fingerprint.to_le_bytes());
     }
     out
+}
+
+/// Stores `index` under `key` with the batch TTL (it must expire with the predictions it
+/// describes).
+pub async fn store(
+    writer: &PredictionWriter,
+    key: &str,
+    index: &GroupIndex,
+) -> Result<(), redis::RedisError> {
+    writer.set_with_ttl(key, encode(index)).await
 }
 
 /// A stored index as read back.

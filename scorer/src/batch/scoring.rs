@@ -214,8 +214,7 @@ impl Scoring {
             .fingerprint_index(&self.index.generation, file, row_group);
         let writer = Arc::clone(&self.writer);
         self.writes.spawn(async move {
-            writer
-                .set_with_ttl(&key, index::encode(&group_index))
+            index::store(&writer, &key, &group_index)
                 .await
                 .map_err(|source| BatchError::Redis {
                     during: "writing the fingerprint index",
