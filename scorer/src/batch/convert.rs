@@ -143,6 +143,15 @@ impl Scanned {
     }
 }
 
+/// Whether every value is finite. Checked in blocks without an early exit inside a block, so
+/// the compiler can vectorise it: a per-value early exit made this a scalar loop, a sixth of
+/// an incremental run's scan.
+fn all_finite(values: &[f32]) -> bool {
+    values
+        .chunks(1024)
+        .all(|block| block.iter().fold(true, |finite, v| finite & v.is_finite()))
+}
+
 /// Reads `batch`, which holds the id column and every input (found by name): checks every
 /// id, hashes it, fingerprints every row's features column by column, and counts the rows
 /// that miss a feature by the policy.
@@ -232,7 +241,7 @@ pub fn scan(
             .map_err(|e| value_error(name, 0, e.to_string()))?;
         let typed = as_f32.as_primitive::<Float32Type>();
         let values: &[f32] = typed.values();
-        if typed.null_count() == 0 && values.iter().all(|v| v.is_finite()) {
+        if typed.null_count() == 0 && all_finite(values) {
             fingerprint_column(&mut hashes, values);
         } else {
             // A missing value is fingerprinted as what is scored in its place.
@@ -316,6 +325,23 @@ mod tests {
         MissingFeatures {
             policy: MissingFeaturePolicy::Fill,
             fill_value: -1.0,
+        }
+    }
+
+    #[test]
+    fn a_value_that_is_not_finite_is_found_in_any_block() {
+        let mut values = vec![1.5_f32; 3000];
+        assert!(all_finite(&values));
+        assert!(all_finite(&[]));
+        for (at, bad) in [
+            (0, f32::NAN),
+            (1023, f32::INFINITY),
+            (1024, f32::NEG_INFINITY),
+            (2999, f32::NAN),
+        ] {
+            values[at] = bad;
+            assert!(!all_finite(&values), "{bad} at {at}");
+            values[at] = 1.5;
         }
     }
 
