@@ -50,6 +50,12 @@ pub struct SessionOptions {
     /// The online path uses one: its batches are small, and spinning pool threads would take
     /// cores from the HTTP and Redis work beside them.
     pub intra_op_threads: Option<usize>,
+    /// Whether the CPU provider keeps freed tensor memory in its arena for the next
+    /// inference. On for the batch job: it runs thousands of inferences of one size, and
+    /// without the arena each one asked the system allocator for megabytes afresh, so a full
+    /// run spent a tenth of its CPU time in page faults and peaked 50 MiB higher. Off for
+    /// the online path, whose batches vary in size (an arena keeps the largest it ever saw).
+    pub memory_arena: bool,
 }
 
 /// A loaded model.
@@ -111,7 +117,7 @@ impl Model {
             .iter()
             .chain(std::iter::once(&ExecutionProvider::Cpu))
         {
-            let Some(dispatch) = dispatch(provider) else {
+            let Some(dispatch) = dispatch(provider, &options) else {
                 warn!(
                     ?provider,
                     "execution provider not compiled into this build; trying the next"
@@ -269,9 +275,16 @@ fn pick<'a>(
 }
 
 /// The `ort` dispatch for a provider, if this build includes it.
-fn dispatch(provider: ExecutionProvider) -> Option<ort::ep::ExecutionProviderDispatch> {
+fn dispatch(
+    provider: ExecutionProvider,
+    options: &SessionOptions,
+) -> Option<ort::ep::ExecutionProviderDispatch> {
     match provider {
-        ExecutionProvider::Cpu => Some(ort::ep::CPU::default().build()),
+        ExecutionProvider::Cpu => Some(
+            ort::ep::CPU::default()
+                .with_arena_allocator(options.memory_arena)
+                .build(),
+        ),
         #[cfg(feature = "cuda")]
         ExecutionProvider::Cuda => Some(ort::ep::CUDA::default().build()),
         #[cfg(feature = "tensorrt")]

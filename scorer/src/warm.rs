@@ -77,6 +77,7 @@ pub async fn run(args: WarmArgs) -> Result<WarmSummary, WarmError> {
         &config,
         SessionOptions {
             intra_op_threads: Some(1),
+            memory_arena: true,
         },
     )?;
     let redis = Arc::new(RedisTier::new(

@@ -322,6 +322,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         let (job, config) = (args.job.clone(), config.clone());
         let options = SessionOptions {
             intra_op_threads: (args.inference_threads > 0).then_some(args.inference_threads),
+            memory_arena: true,
         };
         tokio::task::spawn_blocking(move || job.load_model(&config, options))
     };

@@ -156,6 +156,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
                         &config,
                         SessionOptions {
                             intra_op_threads: Some(1),
+                            memory_arena: false,
                         },
                     )
                     .map_err(JobError::from)?,
