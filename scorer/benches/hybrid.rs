@@ -337,6 +337,26 @@ for k in range(4):
     (base, changed)
 }
 
+/// The feature table as one row group, as pandas and pyarrow write up to 1Mi rows (cached
+/// beside it).
+fn one_group_copy(data: &Path) -> PathBuf {
+    let out = data.join("one-row-group.parquet");
+    if !out.exists() {
+        let script = r#"
+import sys, pyarrow.parquet as pq
+pq.write_table(pq.read_table(sys.argv[1]), sys.argv[2], row_group_size=1 << 20)
+"#;
+        let status = Command::new(python())
+            .args(["-c", script])
+            .arg(data.join("features.parquet"))
+            .arg(&out)
+            .status()
+            .expect("python");
+        assert!(status.success(), "making the one-row-group table failed");
+    }
+    out
+}
+
 /// The feature table with 10% of its rows' features changed (cached beside it).
 fn changed_copy(data: &Path) -> PathBuf {
     let out = data.join("features-10pct-changed.parquet");
@@ -602,6 +622,43 @@ fn main() {
                 .iter()
                 .map(|r| r.full_time.as_secs_f64() / r.inc_time.as_secs_f64())
         ),
+    );
+
+    // Row groups of a million rows: held in memory whole, or spooled to disk (the default
+    // above 64 MiB) and decoded a page at a time.
+    let one_group = one_group_copy(&data);
+    let mut group_cfg = cfg.clone();
+    group_cfg.key_prefix = "bench/one-group".into();
+    if let Some(offline) = group_cfg.features.offline.as_mut() {
+        offline.uri = format!("file://{}", one_group.display());
+    }
+    let group_config = write_config(work.path(), "one-group.json", &group_cfg);
+    let run_one_group = |generation: &str, max_group_mib: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+        command
+            .args(["batch", "--config"])
+            .arg(&group_config)
+            .args(["--max-group-mib", max_group_mib])
+            .env("MILLRACE_REDIS_URL", &url)
+            .env("MILLRACE_GENERATION", generation)
+            .env("RUST_LOG", "warn");
+        timed(command)
+    };
+    let (held, spooled): (Vec<_>, Vec<_>) = (1..=batch_rounds)
+        .map(|round| {
+            let held = run_one_group(&format!("held-{round}"), "100000");
+            let spooled = run_one_group(&format!("spooled-{round}"), "64");
+            ((held.0, held.1), (spooled.0, spooled.1))
+        })
+        .unzip();
+    let mib = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.1 as f64));
+    let secs = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.0.as_secs_f64()));
+    println!(
+        "one row group of 1M rows (pyarrow's default size): peak RSS {:.0} MiB held in memory ({:.2} s), {:.0} MiB spooled to disk and decoded a page at a time ({:.2} s; medians of {batch_rounds})",
+        mib(&held),
+        secs(&held),
+        mib(&spooled),
+        secs(&spooled),
     );
 
     if std::env::var_os("MILLRACE_BENCH_BATCH_ONLY").is_some() {

@@ -582,23 +582,32 @@ async fn parquet_on_s3_gcs_and_azure_is_read_with_credentials_from_the_environme
     }
     let server = RedisServer::start();
     let mut conn = connection(&server.url()).await;
-    for (uri, env, generation) in [
-        ("s3://lake/users/", moto.credentials(), "g-s3"),
-        ("gs://lake/users/", gcs.credentials(), "g-gcs"),
-        ("az://lake/users/", azure.credentials(), "g-azure"),
+    // The last: every row group streamed from S3 to a spool file in ranged reads.
+    for (uri, env, generation, max_group_mib) in [
+        ("s3://lake/users/", moto.credentials(), "g-s3", "64"),
+        ("gs://lake/users/", gcs.credentials(), "g-gcs", "64"),
+        ("az://lake/users/", azure.credentials(), "g-azure", "64"),
+        ("s3://lake/users/", moto.credentials(), "g-s3-spooled", "0"),
     ] {
         let cfg = config_file(setup.dir.path(), &setup.config(uri, 128, 2));
+        let mut spooled = 0;
         for shard in 0..2 {
             let out = batch_command(&cfg, &server.url(), generation, 2, shard)
                 .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .args(["--max-group-mib", max_group_mib])
                 .output()
                 .expect("run");
+            if out.status.success() {
+                spooled += summary_field(&out, "spooled_groups");
+            }
             assert!(
                 out.status.success(),
                 "{uri} shard {shard}: {}",
                 stderr(&out)
             );
         }
+        let expect_spooled = if max_group_mib == "0" { 3 + 2 } else { 0 };
+        assert_eq!(spooled, expect_spooled, "{generation}: row groups spooled");
         let all = read_all(&mut conn, generation, n).await;
         for (i, p) in all.iter().enumerate() {
             let p = p.unwrap_or_else(|| panic!("{uri}: e{i} has no prediction"));
@@ -1008,10 +1017,146 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
     );
 }
 
+/// A row group over `--max-group-mib` (0 here: every one) is streamed to a spool file and
+/// decoded from there page by page: the same predictions, the same content digests (a run
+/// holding the same bytes in memory carries every group by digest), nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let spool = setup.dir.path().join("spool");
+    for dir in ["day1", "day1-copy", "day2"] {
+        std::fs::create_dir_all(setup.lake().join(dir)).expect("dir");
+    }
+    std::fs::create_dir_all(&spool).expect("spool dir");
+    let ids: Vec<usize> = (0..900).collect();
+    write_parquet(&setup.lake().join("day1/a.parquet"), &ids[..500], 128);
+    write_parquet(&setup.lake().join("day1/b.parquet"), &ids[500..], 200);
+    let spooled = |config: &ScorerConfig, generation: &str| {
+        batch_command(
+            &config_file(setup.dir.path(), config),
+            &server.url(),
+            generation,
+            1,
+            0,
+        )
+        .args(["--max-group-mib", "0", "--spool-dir"])
+        .arg(&spool)
+        .output()
+        .expect("run")
+    };
+    let full = setup.config(&format!("file://{}/day1/", setup.lake().display()), 64, 1);
+    let out = spooled(&full, "g-full");
+    assert_eq!(
+        (
+            summary_field(&out, "spooled_groups"),
+            summary_field(&out, "computed")
+        ),
+        (4 + 2, 900),
+        "{}",
+        stderr(&out)
+    );
+    for (i, p) in read_all(&mut conn, "g-full", 900)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let p = p.unwrap_or_else(|| panic!("e{i} missing"));
+        assert!((p.value - setup.expected(i)).abs() < 1e-6, "e{i}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&spool).expect("spool").count(),
+        0,
+        "spool files are anonymous: nothing left behind"
+    );
+    let ks = Keyspace::new("ml/churn", "3");
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-full")
+        .await
+        .expect("publish");
+
+    // The same bytes as new files, read into memory: every group carried by its digest.
+    for name in ["a.parquet", "b.parquet"] {
+        std::fs::copy(
+            setup.lake().join("day1").join(name),
+            setup.lake().join("day1-copy").join(name),
+        )
+        .expect("copy");
+    }
+    let mut incremental = setup.config(
+        &format!("file://{}/day1-copy/", setup.lake().display()),
+        64,
+        1,
+    );
+    if let Some(batch) = incremental.batch.as_mut() {
+        batch.incremental = true;
+    }
+    let out = run_batch(
+        &config_file(setup.dir.path(), &incremental),
+        &server.url(),
+        "g-inc",
+        1,
+        0,
+    );
+    assert_eq!(
+        (
+            summary_field(&out, "unread_groups"),
+            summary_field(&out, "spooled_groups"),
+            summary_field(&out, "computed")
+        ),
+        (6, 0, 0),
+        "a spooled group's digest is the one the same bytes get in memory: {}",
+        stderr(&out)
+    );
+    assert!(
+        summary_field(&out, "bytes_read") > 0,
+        "new versions are read"
+    );
+
+    // Day 2, spooled and incremental: exactly the changed rows are rescored.
+    write_parquet_with(
+        &setup.lake().join("day2/a.parquet"),
+        &ids[..500],
+        128,
+        day2_source,
+    );
+    std::fs::copy(
+        setup.lake().join("day1/b.parquet"),
+        setup.lake().join("day2/b.parquet"),
+    )
+    .expect("copy");
+    incremental.features.offline = Some(OfflineFeatures {
+        uri: format!("file://{}/day2/", setup.lake().display()),
+        ..incremental.features.offline.clone().expect("offline")
+    });
+    let out = spooled(&incremental, "g-inc2");
+    let changed_rows = ids[..500].iter().filter(|&&i| changed(i)).count() as u64;
+    assert_eq!(
+        (
+            summary_field(&out, "computed"),
+            summary_field(&out, "carried")
+        ),
+        (changed_rows, 900 - changed_rows),
+        "{}",
+        stderr(&out)
+    );
+    for (i, p) in read_all(&mut conn, "g-full", 900)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let p = p.unwrap_or_else(|| panic!("e{i} missing"));
+        let source = if i < 500 { day2_source(i) } else { i };
+        assert!((p.value - setup.expected(source)).abs() < 1e-6, "e{i}");
+    }
+}
+
 /// Bytes are read only from the file version that was listed: a file rewritten after the
 /// listing fails with a message saying so, and is never decoded against the old footer.
 #[tokio::test]
 async fn a_file_rewritten_after_it_was_listed_is_refused() {
+    use millrace_scorer::batch::digest::Digest;
     use millrace_scorer::batch::input::{Input, InputError};
     use millrace_scorer::batch::shard::Unit;
 
@@ -1027,19 +1172,37 @@ async fn a_file_rewritten_after_it_was_listed_is_refused() {
         rows: 50,
     };
     let columns = ["user_id", "tenure"];
+    let spool = setup.dir.path();
     assert!(input.fetch(&unit, &columns).await.is_ok());
+    assert!(
+        input
+            .spool(&unit, &columns, spool, &mut Digest::new(0))
+            .await
+            .is_ok()
+    );
     std::thread::sleep(Duration::from_millis(10));
     write_parquet(&path, &(100..200).collect::<Vec<_>>(), 50);
-    match input.fetch(&unit, &columns).await {
+    let refused = |result: Result<u64, InputError>, how: &str| match result {
         Err(error @ InputError::Changed { .. }) => {
             let message = error.to_string();
             assert!(
                 message.contains("p.parquet") && message.contains("changed while this run read it"),
-                "{message}"
+                "{how}: {message}"
             );
         }
-        other => panic!("expected Changed, got {:?}", other.map(|b| b.bytes_read)),
-    }
+        other => panic!("{how}: expected Changed, got {other:?}"),
+    };
+    refused(
+        input.fetch(&unit, &columns).await.map(|b| b.bytes_read),
+        "in memory",
+    );
+    refused(
+        input
+            .spool(&unit, &columns, spool, &mut Digest::new(0))
+            .await
+            .map(|s| s.bytes_read),
+        "spooled",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! fingerprinted, by several tasks at once (`--decoders`, default 2), so on a machine with
 //! more than one core decoding no longer waits on itself. Each decoder reads its row group's
 //! column chunks itself (only if the file is still the version listed) and digests them
-//! ([`super::digest`]). In an incremental run it first asks whether the group's index was
+//! ([`super::digest`]): into memory, or, for a row group over `--max-group-mib`, into a
+//! spool file on local disk that it then decodes page by page ([`Spool`]). In an incremental run it first asks whether the group's index was
 //! read from the same file version (then the group is carried without being read), then
 //! reads the index: a group whose digest it holds is carried whole, undecoded; otherwise it
 //! drops the rows it finds unchanged, so only changed or unknown rows are turned into model
@@ -13,7 +14,6 @@
 
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use millrace_crds::keys::{BatchLayout, Keyspace};
 use millrace_crds::spec::MissingFeatures;
 use tokio::sync::mpsc;
@@ -22,7 +22,7 @@ use super::BatchError;
 use super::convert::{Location, scan};
 use super::digest;
 use super::index::{self, GroupIndex, KnownIndex, SeenTwice};
-use super::input::{Input, InputError};
+use super::input::{GroupSource, Input, InputError};
 use super::scoring::{Expected, Group};
 use super::shard::Unit;
 use super::writer::PredictionWriter;
@@ -70,6 +70,8 @@ pub enum Decoded {
         index: GroupIndex,
         /// Bytes read from the store for it.
         bytes_read: u64,
+        /// Whether it was read through a spool file.
+        spooled: bool,
     },
     /// An incremental run found the row group's content digest in its index: the group was
     /// not decoded, and every row it scored last time is carried.
@@ -82,6 +84,8 @@ pub enum Decoded {
         /// Bytes read from the store for it: none when the file was still the version the
         /// index was read from.
         bytes_read: u64,
+        /// Whether it was read through a spool file.
+        spooled: bool,
     },
 }
 
@@ -113,6 +117,19 @@ pub struct DecodePlan {
     pub digest_seed: u64,
     /// The batch TTL: an index kept for an unchanged group gets it again.
     pub ttl_ms: u64,
+    /// Where row groups too large for memory go.
+    pub spool: Spool,
+}
+
+/// Row groups whose chunks (the columns read, compressed) exceed `max_group_bytes` are
+/// streamed to an anonymous file in `dir` and decoded from there, one page per column in
+/// memory at a time; smaller ones are read into memory whole (one request, no disk).
+#[derive(Debug, Clone)]
+pub struct Spool {
+    /// The directory.
+    pub dir: std::path::PathBuf,
+    /// The largest row group held in memory.
+    pub max_group_bytes: u64,
 }
 
 /// Decodes `units` with at most `decoders` at once; returns the receiving end. The channel
@@ -193,12 +210,14 @@ async fn carried_whole(
     unit: &Unit,
     scored: u64,
     bytes_read: u64,
+    spooled: bool,
 ) -> Result<(), BatchError> {
     let _ = tx
         .send(Ok(Decoded::Unchanged {
             rows: unit.rows,
             scored,
             bytes_read,
+            spooled,
         }))
         .await;
     Ok(())
@@ -226,13 +245,33 @@ async fn decode_unit(
         .fingerprint_index(&plan.generation, group.0, group.1);
     // The file is the version the index was read from: the group is not even read.
     if let Some(scored) = kept_by_version(plan, &index_key, version).await? {
-        return carried_whole(tx, unit, scored, 0).await;
+        return carried_whole(tx, unit, scored, 0, false).await;
     }
     let reading = read_index(plan, &index_key);
-    let fetched = plan.input.fetch(unit, &columns).await?;
-    let bytes_read = fetched.bytes_read;
     let types = plan.input.column_types(unit.file, &columns);
-    let digest = digest::of_group(plan.digest_seed, &types, &fetched.chunks);
+    let size: u64 = plan
+        .input
+        .chunk_ranges(unit, &columns)?
+        .iter()
+        .map(|range| range.end - range.start)
+        .sum();
+    // A row group larger than the limit goes to local disk first and is decoded from
+    // there page by page, so memory does not grow with row group size.
+    let spooled = size > plan.spool.max_group_bytes;
+    let (source, digest, bytes_read) = if spooled {
+        let mut digest = digest::Digest::of_group(plan.digest_seed, &types);
+        let spool = plan
+            .input
+            .spool(unit, &columns, &plan.spool.dir, &mut digest)
+            .await?;
+        let bytes_read = spool.bytes_read;
+        (GroupSource::Spooled(spool), digest.finish(), bytes_read)
+    } else {
+        let fetched = plan.input.fetch(unit, &columns).await?;
+        let digest = digest::of_group(plan.digest_seed, &types, &fetched.chunks);
+        let bytes_read = fetched.bytes_read;
+        (GroupSource::Memory(fetched), digest, bytes_read)
+    };
     let mut known: Option<KnownIndex> = match reading {
         Some(read) => Some(read.await.unwrap_or_default()),
         None => None,
@@ -253,21 +292,23 @@ async fn decode_unit(
                 during: "keeping an unchanged row group's index",
                 source,
             })?;
-        return carried_whole(tx, unit, index.len() as u64, bytes_read).await;
+        return carried_whole(tx, unit, index.len() as u64, bytes_read, spooled).await;
     }
-    let mut stream = plan
+    let mut batches = plan
         .input
-        .stream(unit, &columns, plan.batch_size, fetched)?;
+        .batches(unit, &columns, plan.batch_size, source)?;
     let mut first_row = 0;
     let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(unit.rows as usize);
-    while let Some(record_batch) = stream
-        .try_next()
-        .await
-        .map_err(|source| InputError::Decode {
-            file: file.clone(),
-            row_group: unit.row_group,
-            source,
-        })?
+    while let Some(record_batch) =
+        batches
+            .next_batch()
+            .await
+            .transpose()
+            .map_err(|source| InputError::Decode {
+                file: file.clone(),
+                row_group: unit.row_group,
+                source,
+            })?
     {
         let at = Location {
             file: file.clone(),
@@ -347,6 +388,7 @@ async fn decode_unit(
             group,
             index,
             bytes_read,
+            spooled,
         }))
         .await;
     Ok(())

@@ -56,50 +56,114 @@ pub fn of_version(seed: u64, e_tag: &str) -> u64 {
 }
 
 /// The digest of a row group: the types its file's schema gives the columns read (the
-/// same bytes read as another type are other values), then its `chunks`.
+/// same bytes read as another type are other values), then its `chunks` in file order.
 pub fn of_group(seed: u64, column_types: &str, chunks: &[Bytes]) -> u64 {
-    let types = Bytes::copy_from_slice(column_types.as_bytes());
-    of_chunks(of_chunks(seed, std::slice::from_ref(&types)), chunks)
+    let mut digest = Digest::of_group(seed, column_types);
+    for chunk in chunks {
+        digest.update(chunk);
+        digest.end_chunk();
+    }
+    digest.finish()
 }
 
 /// The digest of `chunks` (in order) under `seed`. Each chunk's length is folded in too,
 /// so moving a byte from one chunk to the next changes the digest.
 pub fn of_chunks(seed: u64, chunks: &[Bytes]) -> u64 {
-    let mut lanes = [
-        seed ^ MULTIPLIERS[0],
-        seed.rotate_left(16) ^ MULTIPLIERS[1],
-        seed.rotate_left(32) ^ MULTIPLIERS[2],
-        seed.rotate_left(48) ^ MULTIPLIERS[3],
-    ];
+    let mut digest = Digest::new(seed);
     for chunk in chunks {
-        let mut blocks = chunk.chunks_exact(32);
-        for block in &mut blocks {
-            for (lane, (word, multiplier)) in
-                lanes.iter_mut().zip(block.chunks_exact(8).zip(MULTIPLIERS))
-            {
-                *lane = mix(*lane, word_of(word), multiplier);
-            }
-        }
-        let mut tail = [0u8; 32];
-        let rest = blocks.remainder();
-        tail[..rest.len()].copy_from_slice(rest);
-        for (lane, (word, multiplier)) in
-            lanes.iter_mut().zip(tail.chunks_exact(8).zip(MULTIPLIERS))
-        {
-            *lane = mix(*lane, word_of(word), multiplier);
-        }
-        lanes[0] = mix(lanes[0], chunk.len() as u64, MULTIPLIERS[0]);
+        digest.update(chunk);
+        digest.end_chunk();
     }
-    let combined = lanes.iter().fold(0u64, |acc, &lane| {
-        (acc ^ finish(lane)).wrapping_mul(MULTIPLIERS[0])
-    });
-    finish(combined)
+    digest.finish()
 }
 
-fn word_of(bytes: &[u8]) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(bytes);
-    u64::from_le_bytes(word)
+/// A digest computed as the bytes arrive: a row group too large to hold in memory is
+/// hashed while it streams to disk, and gets the digest [`of_group`] gives the same chunks
+/// held in memory (both are this).
+#[derive(Debug, Clone)]
+pub struct Digest {
+    lanes: [u64; 4],
+    /// The current chunk's bytes not yet a whole 32-byte block.
+    pending: [u8; 32],
+    pending_len: usize,
+    /// The current chunk's length so far.
+    chunk_len: u64,
+}
+
+impl Digest {
+    /// An empty digest under `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            lanes: [
+                seed ^ MULTIPLIERS[0],
+                seed.rotate_left(16) ^ MULTIPLIERS[1],
+                seed.rotate_left(32) ^ MULTIPLIERS[2],
+                seed.rotate_left(48) ^ MULTIPLIERS[3],
+            ],
+            pending: [0; 32],
+            pending_len: 0,
+            chunk_len: 0,
+        }
+    }
+
+    /// The digest of a row group whose columns have `column_types`, before its chunks.
+    pub fn of_group(seed: u64, column_types: &str) -> Self {
+        let types = Bytes::copy_from_slice(column_types.as_bytes());
+        Self::new(of_chunks(seed, std::slice::from_ref(&types)))
+    }
+
+    /// Adds `bytes` to the current chunk.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.chunk_len += bytes.len() as u64;
+        if self.pending_len > 0 {
+            let take = bytes.len().min(32 - self.pending_len);
+            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&bytes[..take]);
+            self.pending_len += take;
+            bytes = &bytes[take..];
+            if self.pending_len < 32 {
+                return;
+            }
+            let block = self.pending;
+            mix_block(&mut self.lanes, &block);
+            self.pending_len = 0;
+        }
+        // The lanes in locals for the hot loop: it runs at memory speed only in registers.
+        let mut lanes = self.lanes;
+        let (blocks, rest) = bytes.as_chunks::<32>();
+        for block in blocks {
+            mix_block(&mut lanes, block);
+        }
+        self.lanes = lanes;
+        self.pending[..rest.len()].copy_from_slice(rest);
+        self.pending_len = rest.len();
+    }
+
+    /// Ends the current chunk: its last partial block, zero-padded, and its length.
+    pub fn end_chunk(&mut self) {
+        let mut tail = [0u8; 32];
+        tail[..self.pending_len].copy_from_slice(&self.pending[..self.pending_len]);
+        mix_block(&mut self.lanes, &tail);
+        self.lanes[0] = mix(self.lanes[0], self.chunk_len, MULTIPLIERS[0]);
+        self.pending_len = 0;
+        self.chunk_len = 0;
+    }
+
+    /// The digest of every chunk ended so far.
+    pub fn finish(&self) -> u64 {
+        let combined = self.lanes.iter().fold(0u64, |acc, &lane| {
+            (acc ^ finish(lane)).wrapping_mul(MULTIPLIERS[0])
+        });
+        finish(combined)
+    }
+}
+
+/// Mixes one 32-byte block into the lanes, a word each.
+#[inline]
+fn mix_block(lanes: &mut [u64; 4], block: &[u8; 32]) {
+    let (words, _) = block.as_chunks::<8>();
+    for ((lane, word), multiplier) in lanes.iter_mut().zip(words).zip(MULTIPLIERS) {
+        *lane = mix(*lane, u64::from_le_bytes(*word), multiplier);
+    }
 }
 
 /// One step of a lane: a bijection in both the lane and the word.
@@ -152,6 +216,76 @@ mod tests {
             of_chunks(1, &chunks(&[b"ab"])),
             of_chunks(1, &chunks(&[b"ab\0"]))
         );
+    }
+
+    /// The digest as it was before it could stream (each chunk hashed whole), kept to
+    /// prove the streaming one gives the same digests, so indexes stay valid.
+    fn of_chunks_whole(seed: u64, chunks: &[Bytes]) -> u64 {
+        let mut lanes = [
+            seed ^ MULTIPLIERS[0],
+            seed.rotate_left(16) ^ MULTIPLIERS[1],
+            seed.rotate_left(32) ^ MULTIPLIERS[2],
+            seed.rotate_left(48) ^ MULTIPLIERS[3],
+        ];
+        for chunk in chunks {
+            let mut blocks = chunk.chunks_exact(32);
+            for block in &mut blocks {
+                for (lane, (word, m)) in
+                    lanes.iter_mut().zip(block.chunks_exact(8).zip(MULTIPLIERS))
+                {
+                    *lane = mix(
+                        *lane,
+                        u64::from_le_bytes(word.try_into().expect("8 bytes")),
+                        m,
+                    );
+                }
+            }
+            let mut tail = [0u8; 32];
+            let rest = blocks.remainder();
+            tail[..rest.len()].copy_from_slice(rest);
+            for (lane, (word, m)) in lanes.iter_mut().zip(tail.chunks_exact(8).zip(MULTIPLIERS)) {
+                *lane = mix(
+                    *lane,
+                    u64::from_le_bytes(word.try_into().expect("8 bytes")),
+                    m,
+                );
+            }
+            lanes[0] = mix(lanes[0], chunk.len() as u64, MULTIPLIERS[0]);
+        }
+        finish(lanes.iter().fold(0u64, |acc, &lane| {
+            (acc ^ finish(lane)).wrapping_mul(MULTIPLIERS[0])
+        }))
+    }
+
+    #[test]
+    fn bytes_fed_in_any_pieces_give_the_digest_of_the_whole_chunks() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let parts = chunks(&[
+            &data[..1234],
+            &data[1234..1234],
+            &data[1234..4000],
+            &data[4000..],
+        ]);
+        let whole = of_chunks_whole(9, &parts);
+        assert_eq!(of_chunks(9, &parts), whole);
+        for piece in [1, 7, 31, 32, 33, 100, 4096] {
+            let mut digest = Digest::new(9);
+            for part in &parts {
+                for bytes in part.chunks(piece) {
+                    digest.update(bytes);
+                }
+                digest.end_chunk();
+            }
+            assert_eq!(digest.finish(), whole, "pieces of {piece}");
+        }
+        let mut group = Digest::of_group(9, "f:Float32;");
+        for part in &parts {
+            for bytes in part.chunks(13) {
+                group.update(bytes);
+            }
+            group.end_chunk();
+        }
+        assert_eq!(group.finish(), of_group(9, "f:Float32;", &parts));
     }
 
     #[test]

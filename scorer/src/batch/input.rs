@@ -1,23 +1,32 @@
 //! The feature table: Parquet files at a URI (`file://`, `s3://`), listed in a stable order,
 //! their footers read once so every shard sees the same row groups, and one row group
 //! streamed at a time in `batchSize` record batches (only the id and input columns are
-//! decoded), so memory stays flat however large the table is.
+//! decoded), so memory stays flat however large the table is. A row group is read into
+//! memory whole ([`Input::fetch`]) or, when it is too large for that, streamed to an
+//! anonymous local file and decoded from there a page at a time ([`Input::spool`]), so
+//! memory stays flat however large its row groups are too.
 
 use std::ops::Range;
 use std::sync::Arc;
 
+use arrow_array::RecordBatch;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{FutureExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::reader::{ChunkReader, Length};
 
+use super::digest::Digest;
 use super::shard::Unit;
 use crate::fetch::{FetchError, store_for};
 
@@ -76,6 +85,17 @@ pub enum InputError {
         file: String,
         /// The version listed.
         version: String,
+    },
+    /// A row group too large for memory could not be spooled to local disk.
+    #[error(
+        "spooling a row group to {dir}: {source} (large row groups are read to local disk first: give the pod more ephemeral storage, or point --spool-dir elsewhere)"
+    )]
+    Spool {
+        /// The spool directory.
+        dir: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// Decoding a row group failed.
     #[error("{file}: row group {row_group}: {source}")]
@@ -224,16 +244,14 @@ impl Input {
         ProjectionMask::roots(file.metadata.parquet_schema(), indices)
     }
 
-    /// Reads the raw bytes of `unit`'s column chunks for `columns` (one request, which the
-    /// store may coalesce): what [`Input::stream`] decodes, and what a row group's content
-    /// digest covers.
-    pub async fn fetch(&self, unit: &Unit, columns: &[&str]) -> Result<GroupBytes, InputError> {
+    /// Where `unit`'s column chunks for `columns` lie in its file, in file order: what
+    /// [`Input::fetch`] and [`Input::spool`] read, and what a row group's digest covers.
+    pub fn chunk_ranges(
+        &self,
+        unit: &Unit,
+        columns: &[&str],
+    ) -> Result<Vec<Range<u64>>, InputError> {
         let file = &self.files[unit.file];
-        let decode_error = |source| InputError::Decode {
-            file: file.uri.clone(),
-            row_group: unit.row_group,
-            source,
-        };
         let mask = Self::projection(file, columns);
         let group = file.metadata.metadata().row_group(unit.row_group);
         let mut ranges = Vec::new();
@@ -254,15 +272,34 @@ impl Input {
                     ranges.push(start..end)
                 }
                 _ => {
-                    return Err(decode_error(ParquetError::General(format!(
-                        "column {} lies outside the file ({} bytes at offset {start} of {})",
-                        column.column_path(),
-                        column.compressed_size(),
-                        file.size
-                    ))));
+                    return Err(InputError::Decode {
+                        file: file.uri.clone(),
+                        row_group: unit.row_group,
+                        source: ParquetError::General(format!(
+                            "column {} lies outside the file ({} bytes at offset {start} of {})",
+                            column.column_path(),
+                            column.compressed_size(),
+                            file.size
+                        )),
+                    });
                 }
             }
         }
+        ranges.sort_by_key(|r| r.start);
+        Ok(ranges)
+    }
+
+    /// Reads the raw bytes of `unit`'s column chunks for `columns` (one request, which the
+    /// store may coalesce): what [`Input::stream`] decodes, and what a row group's content
+    /// digest covers.
+    pub async fn fetch(&self, unit: &Unit, columns: &[&str]) -> Result<GroupBytes, InputError> {
+        let file = &self.files[unit.file];
+        let decode_error = |source| InputError::Decode {
+            file: file.uri.clone(),
+            row_group: unit.row_group,
+            source,
+        };
+        let ranges = self.chunk_ranges(unit, columns)?;
         // Nearby chunks are read together, each span only if the object is still the
         // version listed: the bytes then belong to that version, which the index records.
         let spans = coalesce(&ranges, COALESCE_GAP);
@@ -279,13 +316,7 @@ impl Input {
         });
         let read = futures::future::try_join_all(reads)
             .await
-            .map_err(|error| match (error, &file.e_tag) {
-                (object_store::Error::Precondition { .. }, Some(version)) => InputError::Changed {
-                    file: file.uri.clone(),
-                    version: version.clone(),
-                },
-                (error, _) => decode_error(external(error)),
-            })?;
+            .map_err(|error| read_error(file, unit, error))?;
         let bytes_read = read.iter().map(|b| b.len() as u64).sum();
         let spans = GroupBytes {
             ranges: spans,
@@ -335,6 +366,266 @@ impl Input {
                 row_group: unit.row_group,
                 source,
             })
+    }
+
+    /// Streams `unit`'s column chunks for `columns` into an anonymous file in `dir`, in
+    /// requests of at most [`SPOOL_PIECE`] (each only if the object is still the version
+    /// listed), feeding `digest` every chunk's bytes as they pass: a row group too large to
+    /// hold in memory is read once and then decoded page by page from local disk
+    /// ([`Input::read_spooled`]).
+    pub async fn spool(
+        &self,
+        unit: &Unit,
+        columns: &[&str],
+        dir: &std::path::Path,
+        digest: &mut Digest,
+    ) -> Result<Spooled, InputError> {
+        let file = &self.files[unit.file];
+        let spool_error = |source: std::io::Error| InputError::Spool {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let ranges = self.chunk_ranges(unit, columns)?;
+        let spans = coalesce(&ranges, COALESCE_GAP);
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            tempfile::tempfile_in(dir).map_err(spool_error)?,
+        );
+        let mut chunks = ChunkFeed::new(&ranges);
+        let mut placed = Vec::with_capacity(spans.len());
+        let mut at = 0u64;
+        for span in &spans {
+            placed.push((span.clone(), at));
+            let pieces: Vec<Range<u64>> = (span.start..span.end)
+                .step_by(SPOOL_PIECE as usize)
+                .map(|start| start..(start + SPOOL_PIECE).min(span.end))
+                .collect();
+            // Two requests in flight: the next piece arrives while this one is written.
+            let mut reads = futures::stream::iter(pieces.into_iter().map(|piece| {
+                let options = GetOptions {
+                    range: Some(piece.clone().into()),
+                    if_match: file.e_tag.clone(),
+                    ..GetOptions::default()
+                };
+                async move {
+                    let bytes = self
+                        .store
+                        .get_opts(&file.path, options)
+                        .await?
+                        .bytes()
+                        .await?;
+                    Ok::<_, object_store::Error>((piece, bytes))
+                }
+            }))
+            .buffered(2);
+            while let Some(read) = reads.next().await {
+                let (piece, bytes) = read.map_err(|error| read_error(file, unit, error))?;
+                if bytes.len() as u64 != piece.end - piece.start {
+                    return Err(InputError::Decode {
+                        file: file.uri.clone(),
+                        row_group: unit.row_group,
+                        source: ParquetError::General(format!(
+                            "the store returned {} bytes for {piece:?}",
+                            bytes.len()
+                        )),
+                    });
+                }
+                chunks.feed(piece.start, &bytes, digest);
+                std::io::Write::write_all(&mut out, &bytes).map_err(spool_error)?;
+                at += bytes.len() as u64;
+            }
+        }
+        let spooled = out.into_inner().map_err(|e| spool_error(e.into_error()))?;
+        Ok(Spooled {
+            file: Arc::new(spooled),
+            placed,
+            size: file.size,
+            bytes_read: at,
+        })
+    }
+
+    /// Reads `unit`'s row group from its spool file in record batches of `batch_size` rows,
+    /// one page per column in memory at a time.
+    pub fn read_spooled(
+        &self,
+        unit: &Unit,
+        columns: &[&str],
+        batch_size: usize,
+        spooled: Spooled,
+    ) -> Result<ParquetRecordBatchReader, InputError> {
+        let file = &self.files[unit.file];
+        let mask = Self::projection(file, columns);
+        ParquetRecordBatchReaderBuilder::new_with_metadata(spooled, file.metadata.clone())
+            .with_row_groups(vec![unit.row_group])
+            .with_projection(mask)
+            .with_batch_size(batch_size)
+            .build()
+            .map_err(|source| InputError::Decode {
+                file: file.uri.clone(),
+                row_group: unit.row_group,
+                source,
+            })
+    }
+}
+
+/// Where a row group's bytes are: in memory ([`Input::fetch`]) or in a spool file
+/// ([`Input::spool`]).
+pub enum GroupSource {
+    /// Held in memory.
+    Memory(GroupBytes),
+    /// On local disk.
+    Spooled(Spooled),
+}
+
+impl Input {
+    /// `unit`'s row group in record batches of `batch_size` rows, decoding only `columns`,
+    /// from where [`Input::fetch`] or [`Input::spool`] put its bytes.
+    pub fn batches(
+        &self,
+        unit: &Unit,
+        columns: &[&str],
+        batch_size: usize,
+        source: GroupSource,
+    ) -> Result<RowGroupBatches, InputError> {
+        Ok(match source {
+            GroupSource::Memory(fetched) => {
+                RowGroupBatches::Memory(self.stream(unit, columns, batch_size, fetched)?)
+            }
+            GroupSource::Spooled(spooled) => {
+                RowGroupBatches::Spooled(self.read_spooled(unit, columns, batch_size, spooled)?)
+            }
+        })
+    }
+}
+
+/// A row group's record batches, decoded from memory or, page by page, from a spool file.
+pub enum RowGroupBatches {
+    /// From bytes held in memory.
+    Memory(ParquetRecordBatchStream<Prefetched>),
+    /// From a spool file.
+    Spooled(ParquetRecordBatchReader),
+}
+
+impl RowGroupBatches {
+    /// The next record batch, if any.
+    pub async fn next_batch(&mut self) -> Option<Result<RecordBatch, ParquetError>> {
+        match self {
+            Self::Memory(stream) => stream.next().await,
+            Self::Spooled(reader) => reader
+                .next()
+                .map(|batch| batch.map_err(|e| ParquetError::ArrowError(e.to_string()))),
+        }
+    }
+}
+
+/// The largest request a spooled row group is read in: memory holds two of them at most.
+const SPOOL_PIECE: u64 = 8 << 20;
+
+/// Turns a store's error while reading `unit` into the shard's error: a failed version
+/// condition means the file changed after it was listed.
+fn read_error(file: &InputFile, unit: &Unit, error: object_store::Error) -> InputError {
+    match (error, &file.e_tag) {
+        (object_store::Error::Precondition { .. }, Some(version)) => InputError::Changed {
+            file: file.uri.clone(),
+            version: version.clone(),
+        },
+        (error, _) => InputError::Decode {
+            file: file.uri.clone(),
+            row_group: unit.row_group,
+            source: external(error),
+        },
+    }
+}
+
+/// Hands a digest each chunk's bytes, in file order, as spans of the file stream past
+/// (the gaps between chunks read with them are not part of any chunk).
+struct ChunkFeed<'a> {
+    chunks: &'a [Range<u64>],
+    /// The chunk being fed.
+    next: usize,
+}
+
+impl<'a> ChunkFeed<'a> {
+    fn new(chunks: &'a [Range<u64>]) -> Self {
+        Self { chunks, next: 0 }
+    }
+
+    /// Feeds `bytes`, which lie at `offset` in the file (pieces arrive in file order).
+    fn feed(&mut self, offset: u64, bytes: &[u8], digest: &mut Digest) {
+        let end = offset + bytes.len() as u64;
+        while let Some(chunk) = self.chunks.get(self.next) {
+            if chunk.start >= end {
+                return;
+            }
+            let from = chunk.start.max(offset);
+            let to = chunk.end.min(end);
+            if from < to {
+                digest.update(&bytes[(from - offset) as usize..(to - offset) as usize]);
+            }
+            if chunk.end > end {
+                return;
+            }
+            digest.end_chunk();
+            self.next += 1;
+        }
+    }
+}
+
+/// A row group's column chunks in an anonymous local file (gone when the last handle is
+/// dropped, even if the process dies), read by the Parquet reader at the offsets they have
+/// in the original file.
+pub struct Spooled {
+    file: Arc<std::fs::File>,
+    /// Each span of the original file read, and where it starts in the spool file.
+    placed: Vec<(Range<u64>, u64)>,
+    /// The original file's size.
+    size: u64,
+    /// Bytes read from the store.
+    pub bytes_read: u64,
+}
+
+impl Spooled {
+    /// Where `offset` of the original file lies in the spool file, and how many bytes of
+    /// its span follow it.
+    fn locate(&self, offset: u64) -> parquet::errors::Result<(u64, u64)> {
+        self.placed
+            .iter()
+            .find(|(span, _)| span.start <= offset && offset < span.end)
+            .map(|(span, at)| (at + (offset - span.start), span.end - offset))
+            .ok_or_else(|| {
+                ParquetError::General(format!(
+                    "offset {offset} was not spooled with its row group"
+                ))
+            })
+    }
+}
+
+impl Length for Spooled {
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+impl ChunkReader for Spooled {
+    type T = std::io::Take<std::io::BufReader<std::fs::File>>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        let (at, left) = self.locate(start)?;
+        let mut file = self.file.try_clone()?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(at))?;
+        Ok(std::io::Read::take(std::io::BufReader::new(file), left))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let (at, left) = self.locate(start)?;
+        if length as u64 > left {
+            return Err(ParquetError::General(format!(
+                "{length} bytes at offset {start} run past what was spooled"
+            )));
+        }
+        let mut buffer = vec![0; length];
+        std::os::unix::fs::FileExt::read_exact_at(self.file.as_ref(), &mut buffer, at)?;
+        Ok(Bytes::from(buffer))
     }
 }
 

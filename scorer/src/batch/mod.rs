@@ -92,6 +92,17 @@ pub struct BatchArgs {
     /// core.
     #[arg(long, default_value_t = 2)]
     pub decoders: usize,
+    /// Row groups whose columns read (compressed) exceed this many MiB are streamed to
+    /// `--spool-dir` and decoded from there page by page, so memory does not grow with row
+    /// group size (pandas and pyarrow write a million rows to a row group); smaller ones are
+    /// read into memory whole. 0 spools every row group.
+    #[arg(long, default_value_t = 64)]
+    pub max_group_mib: u64,
+    /// Where row groups too large for memory are spooled (anonymous files, gone with the
+    /// process; at most one row group per decoder at a time). Default: the temporary
+    /// directory (the pod's `/tmp` volume).
+    #[arg(long, env = "MILLRACE_SPOOL_DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a shard failed. The shard is then not recorded as done, and the run is not published.
@@ -186,6 +197,8 @@ pub struct Summary {
     pub unread_groups: u64,
     /// Bytes read from the input store.
     pub bytes_read: u64,
+    /// Row groups too large for memory, read through a spool file on local disk.
+    pub spooled_groups: u64,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -400,7 +413,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
-    let (mut unread_groups, mut bytes_read) = (0u64, 0u64);
+    let (mut unread_groups, mut bytes_read, mut spooled_groups) = (0u64, 0u64, 0u64);
     let missing = config.features.missing.clone();
 
     let plan = decode::DecodePlan {
@@ -416,6 +429,10 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         known: base.is_some().then(|| Arc::clone(&writer)),
         digest_seed: digest::seed(&id_column, &config.model.inputs, &config.features.missing),
         ttl_ms,
+        spool: decode::Spool {
+            dir: args.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+            max_group_bytes: args.max_group_mib.saturating_mul(1 << 20),
+        },
     };
     let mut decoded = decode::start(plan, units, args.decoders);
     let model = Arc::new(
@@ -451,16 +468,20 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 group,
                 index,
                 bytes_read: read,
+                spooled,
             } => {
                 bytes_read += read;
+                spooled_groups += u64::from(spooled);
                 scoring.group_done(group, index)?
             }
             decode::Decoded::Unchanged {
                 rows: group_rows,
                 scored,
                 bytes_read: read,
+                spooled,
             } => {
                 bytes_read += read;
+                spooled_groups += u64::from(spooled);
                 rows += group_rows;
                 skipped += group_rows - scored.min(group_rows);
                 progress.advance(group_rows);
@@ -512,10 +533,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         carried,
         unread_groups,
         bytes_read,
+        spooled_groups,
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, filled, skipped,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, filled, skipped,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );
