@@ -25,6 +25,7 @@ use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
+use tokio::io::AsyncWriteExt;
 
 use super::digest::Digest;
 use super::shard::Unit;
@@ -387,9 +388,11 @@ impl Input {
         };
         let ranges = self.chunk_ranges(unit, columns)?;
         let spans = coalesce(&ranges, COALESCE_GAP);
-        let mut out = std::io::BufWriter::with_capacity(
+        // Written through tokio's file, whose writes run off the runtime's threads: a disk
+        // under writeback pressure must not stall the decoders and Redis tasks beside it.
+        let mut out = tokio::io::BufWriter::with_capacity(
             1 << 20,
-            tempfile::tempfile_in(dir).map_err(spool_error)?,
+            tokio::fs::File::from_std(tempfile::tempfile_in(dir).map_err(spool_error)?),
         );
         let mut chunks = ChunkFeed::new(&ranges);
         let mut placed = Vec::with_capacity(spans.len());
@@ -431,11 +434,13 @@ impl Input {
                     });
                 }
                 chunks.feed(piece.start, &bytes, digest);
-                std::io::Write::write_all(&mut out, &bytes).map_err(spool_error)?;
+                out.write_all(&bytes).await.map_err(spool_error)?;
                 at += bytes.len() as u64;
             }
         }
-        let spooled = out.into_inner().map_err(|e| spool_error(e.into_error()))?;
+        chunks.finish(digest);
+        out.flush().await.map_err(spool_error)?;
+        let spooled = out.into_inner().into_std().await;
         Ok(Spooled {
             file: Arc::new(spooled),
             placed,
@@ -565,6 +570,14 @@ impl<'a> ChunkFeed<'a> {
             if chunk.end > end {
                 return;
             }
+            digest.end_chunk();
+            self.next += 1;
+        }
+    }
+
+    /// Ends the chunks not ended yet: once every span has been fed, only empty ones.
+    fn finish(mut self, digest: &mut Digest) {
+        while self.next < self.chunks.len() {
             digest.end_chunk();
             self.next += 1;
         }
@@ -779,6 +792,35 @@ fn uri_base(uri: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_pieces_digest_the_chunks_and_not_the_gaps_between_them() {
+        let file: Vec<u8> = (0..40u8).collect();
+        let chunks = [0..10, 20..25, 25..33, 33..33];
+        let whole: Vec<Bytes> = chunks
+            .iter()
+            .map(|c| Bytes::copy_from_slice(&file[c.start as usize..c.end as usize]))
+            .collect();
+        let expected = super::super::digest::of_chunks(5, &whole);
+        for cuts in [
+            vec![0, 33],
+            vec![0, 7, 22, 33],
+            vec![0, 10, 20, 25, 26, 33],
+            vec![0, 1, 2, 3, 33],
+        ] {
+            let mut digest = Digest::new(5);
+            let mut feed = ChunkFeed::new(&chunks);
+            for piece in cuts.windows(2) {
+                feed.feed(
+                    piece[0],
+                    &file[piece[0] as usize..piece[1] as usize],
+                    &mut digest,
+                );
+            }
+            feed.finish(&mut digest);
+            assert_eq!(digest.finish(), expected, "pieces cut at {cuts:?}");
+        }
+    }
 
     #[test]
     fn nearby_ranges_are_read_together_and_far_ones_apart() {
