@@ -307,8 +307,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 /// (`partitioned-changed/`): a table that changes by partition. Cached beside the data.
 fn partitioned_copies(data: &Path) -> (PathBuf, PathBuf) {
     let (base, changed) = (data.join("partitioned"), data.join("partitioned-changed"));
-    if !changed.join("part-3.parquet").exists() {
-        let script = r#"
+    let script = r#"
 import os, shutil, sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
 t = pq.read_table(sys.argv[1]); n = t.num_rows; base, changed = sys.argv[2], sys.argv[3]
 os.makedirs(base, exist_ok=True); os.makedirs(changed, exist_ok=True)
@@ -325,43 +324,47 @@ for k in range(4):
         part = part.set_column(part.schema.get_field_index(name), name, pa.array(col))
     pq.write_table(part, f"{changed}/part-{k}.parquet", row_group_size=65536)
 "#;
-        let status = Command::new(python())
-            .args(["-c", script])
-            .arg(data.join("features.parquet"))
-            .arg(&base)
-            .arg(&changed)
-            .status()
-            .expect("python");
-        assert!(status.success(), "making the partitioned tables failed");
-    }
+    let done = changed.join("part-3.parquet");
+    derived_tables(
+        data,
+        "the partitioned tables",
+        script,
+        &[&base, &changed],
+        &done,
+    );
     (base, changed)
 }
 
-/// The feature table as one row group, as pandas and pyarrow write up to 1Mi rows (cached
-/// beside it).
+/// Runs `script` (pyarrow) with the feature table and `outputs` as arguments, unless
+/// `done` (the last file it writes) exists: derived tables are cached beside the data.
+fn derived_tables(data: &Path, what: &str, script: &str, outputs: &[&Path], done: &Path) {
+    if done.exists() {
+        return;
+    }
+    let status = Command::new(python())
+        .args(["-c", script])
+        .arg(data.join("features.parquet"))
+        .args(outputs)
+        .status()
+        .expect("python");
+    assert!(status.success(), "making {what} failed");
+}
+
+/// The feature table as one row group, as pandas and pyarrow write up to 1Mi rows.
 fn one_group_copy(data: &Path) -> PathBuf {
     let out = data.join("one-row-group.parquet");
-    if !out.exists() {
-        let script = r#"
+    let script = r#"
 import sys, pyarrow.parquet as pq
 pq.write_table(pq.read_table(sys.argv[1]), sys.argv[2], row_group_size=1 << 20)
 "#;
-        let status = Command::new(python())
-            .args(["-c", script])
-            .arg(data.join("features.parquet"))
-            .arg(&out)
-            .status()
-            .expect("python");
-        assert!(status.success(), "making the one-row-group table failed");
-    }
+    derived_tables(data, "the one-row-group table", script, &[&out], &out);
     out
 }
 
-/// The feature table with 10% of its rows' features changed (cached beside it).
+/// The feature table with 10% of its rows' features changed.
 fn changed_copy(data: &Path) -> PathBuf {
     let out = data.join("features-10pct-changed.parquet");
-    if !out.exists() {
-        let script = r#"
+    let script = r#"
 import sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
 t = pq.read_table(sys.argv[1]); n = t.num_rows
 rows = np.random.default_rng(3).choice(n, n // 10, replace=False)
@@ -370,14 +373,7 @@ for j in range(32):
     t = t.set_column(t.schema.get_field_index(name), name, pa.array(col))
 pq.write_table(t, sys.argv[2], row_group_size=65536)
 "#;
-        let status = Command::new(python())
-            .args(["-c", script])
-            .arg(data.join("features.parquet"))
-            .arg(&out)
-            .status()
-            .expect("python");
-        assert!(status.success(), "making the changed table failed");
-    }
+    derived_tables(data, "the changed table", script, &[&out], &out);
     out
 }
 

@@ -129,6 +129,19 @@ impl Setup {
         cfg
     }
 
+    /// [`Setup::config`] for an incremental run over lake/`dir`.
+    fn incremental(&self, dir: &str, batch_size: i32, shards: i32) -> ScorerConfig {
+        let mut cfg = self.config(
+            &format!("file://{}/{dir}/", self.lake().display()),
+            batch_size,
+            shards,
+        );
+        if let Some(batch) = cfg.batch.as_mut() {
+            batch.incremental = true;
+        }
+        cfg
+    }
+
     fn expected(&self, i: usize) -> f32 {
         self.model.predict(&features_of(i)).expect("predict")[0]
     }
@@ -931,10 +944,7 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
         100,
         |i| if moved(i) { i + 50_000 } else { i },
     );
-    let mut incremental = setup.config(&format!("file://{}/day2/", setup.lake().display()), 64, 1);
-    if let Some(batch) = incremental.batch.as_mut() {
-        batch.incremental = true;
-    }
+    let mut incremental = setup.incremental("day2", 64, 1);
     let out = run_batch(
         &config_file(setup.dir.path(), &incremental),
         &server.url(),
@@ -1084,14 +1094,7 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         )
         .expect("copy");
     }
-    let mut incremental = setup.config(
-        &format!("file://{}/day1-copy/", setup.lake().display()),
-        64,
-        1,
-    );
-    if let Some(batch) = incremental.batch.as_mut() {
-        batch.incremental = true;
-    }
+    let mut incremental = setup.incremental("day1-copy", 64, 1);
     let out = run_batch(
         &config_file(setup.dir.path(), &incremental),
         &server.url(),
@@ -1222,10 +1225,7 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     }
 
     // The incremental run of day 2, in two shards.
-    let mut incremental = setup.config(&format!("file://{}/day2/", setup.lake().display()), 128, 2);
-    if let Some(batch) = incremental.batch.as_mut() {
-        batch.incremental = true;
-    }
+    let incremental = setup.incremental("day2", 128, 2);
     let cfg = config_file(setup.dir.path(), &incremental);
     let mut computed = 0;
     let mut carried = 0;
@@ -1341,10 +1341,7 @@ async fn an_entity_twice_in_a_row_group_fails_an_incremental_run_before_it_write
         RecordBatch::try_from_iter(columns).expect("batch"),
         200,
     );
-    let mut incremental = setup.config(&format!("file://{}/day3/", setup.lake().display()), 32, 1);
-    if let Some(batch) = incremental.batch.as_mut() {
-        batch.incremental = true;
-    }
+    let incremental = setup.incremental("day3", 32, 1);
     let out = run_batch(
         &config_file(setup.dir.path(), &incremental),
         &server.url(),
@@ -1377,10 +1374,7 @@ async fn a_failed_incremental_run_leaves_no_index_ahead_of_its_predictions() {
     let aside = format!("{broken}:aside");
     let _: () = conn.rename(&broken, &aside).await.expect("rename");
     let _: () = conn.set(&broken, "not a hash").await.expect("set");
-    let mut incremental = setup.config(&format!("file://{}/day2/", setup.lake().display()), 64, 1);
-    if let Some(batch) = incremental.batch.as_mut() {
-        batch.incremental = true;
-    }
+    let incremental = setup.incremental("day2", 64, 1);
     let cfg = config_file(setup.dir.path(), &incremental);
     let out = run_batch(&cfg, &server.url(), "g-inc", 1, 0);
     assert!(!out.status.success(), "the write to e13 must fail the run");

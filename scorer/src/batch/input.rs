@@ -18,7 +18,7 @@ use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ArrowReaderBuilder, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
     ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
@@ -273,16 +273,16 @@ impl Input {
                     ranges.push(start..end)
                 }
                 _ => {
-                    return Err(InputError::Decode {
-                        file: file.uri.clone(),
-                        row_group: unit.row_group,
-                        source: ParquetError::General(format!(
+                    return Err(decode_error(
+                        file,
+                        unit,
+                        ParquetError::General(format!(
                             "column {} lies outside the file ({} bytes at offset {start} of {})",
                             column.column_path(),
                             column.compressed_size(),
                             file.size
                         )),
-                    });
+                    ));
                 }
             }
         }
@@ -295,11 +295,6 @@ impl Input {
     /// digest covers.
     pub async fn fetch(&self, unit: &Unit, columns: &[&str]) -> Result<GroupBytes, InputError> {
         let file = &self.files[unit.file];
-        let decode_error = |source| InputError::Decode {
-            file: file.uri.clone(),
-            row_group: unit.row_group,
-            source,
-        };
         let ranges = self.chunk_ranges(unit, columns)?;
         // Nearby chunks are read together, each span only if the object is still the
         // version listed: the bytes then belong to that version, which the index records.
@@ -328,9 +323,13 @@ impl Input {
             .iter()
             .map(|range| {
                 spans.slice(range).ok_or_else(|| {
-                    decode_error(ParquetError::General(format!(
-                        "the store returned fewer bytes than asked for at {range:?}"
-                    )))
+                    decode_error(
+                        file,
+                        unit,
+                        ParquetError::General(format!(
+                            "the store returned fewer bytes than asked for at {range:?}"
+                        )),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -352,21 +351,30 @@ impl Input {
         fetched: GroupBytes,
     ) -> Result<ParquetRecordBatchStream<Prefetched>, InputError> {
         let file = &self.files[unit.file];
-        let mask = Self::projection(file, columns);
         let reader = Prefetched {
             fetched,
             store: ObjectFile::new(Arc::clone(&self.store), file.path.clone(), file.size),
         };
-        ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
-            .with_row_groups(vec![unit.row_group])
-            .with_projection(mask)
-            .with_batch_size(batch_size)
+        let builder =
+            ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone());
+        Self::one_group(builder, file, unit, columns, batch_size)
             .build()
-            .map_err(|source| InputError::Decode {
-                file: file.uri.clone(),
-                row_group: unit.row_group,
-                source,
-            })
+            .map_err(|source| decode_error(file, unit, source))
+    }
+
+    /// `builder` set to decode `unit`'s row group of `file`, only `columns`, in record
+    /// batches of `batch_size` rows.
+    fn one_group<T>(
+        builder: ArrowReaderBuilder<T>,
+        file: &InputFile,
+        unit: &Unit,
+        columns: &[&str],
+        batch_size: usize,
+    ) -> ArrowReaderBuilder<T> {
+        builder
+            .with_row_groups(vec![unit.row_group])
+            .with_projection(Self::projection(file, columns))
+            .with_batch_size(batch_size)
     }
 
     /// Streams `unit`'s column chunks for `columns` into an anonymous file in `dir`, in
@@ -424,14 +432,14 @@ impl Input {
             while let Some(read) = reads.next().await {
                 let (piece, bytes) = read.map_err(|error| read_error(file, unit, error))?;
                 if bytes.len() as u64 != piece.end - piece.start {
-                    return Err(InputError::Decode {
-                        file: file.uri.clone(),
-                        row_group: unit.row_group,
-                        source: ParquetError::General(format!(
+                    return Err(decode_error(
+                        file,
+                        unit,
+                        ParquetError::General(format!(
                             "the store returned {} bytes for {piece:?}",
                             bytes.len()
                         )),
-                    });
+                    ));
                 }
                 chunks.feed(piece.start, &bytes, digest);
                 out.write_all(&bytes).await.map_err(spool_error)?;
@@ -459,17 +467,11 @@ impl Input {
         spooled: Spooled,
     ) -> Result<ParquetRecordBatchReader, InputError> {
         let file = &self.files[unit.file];
-        let mask = Self::projection(file, columns);
-        ParquetRecordBatchReaderBuilder::new_with_metadata(spooled, file.metadata.clone())
-            .with_row_groups(vec![unit.row_group])
-            .with_projection(mask)
-            .with_batch_size(batch_size)
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(spooled, file.metadata.clone());
+        Self::one_group(builder, file, unit, columns, batch_size)
             .build()
-            .map_err(|source| InputError::Decode {
-                file: file.uri.clone(),
-                row_group: unit.row_group,
-                source,
-            })
+            .map_err(|source| decode_error(file, unit, source))
     }
 }
 
@@ -534,11 +536,16 @@ fn read_error(file: &InputFile, unit: &Unit, error: object_store::Error) -> Inpu
             file: file.uri.clone(),
             version: version.clone(),
         },
-        (error, _) => InputError::Decode {
-            file: file.uri.clone(),
-            row_group: unit.row_group,
-            source: external(error),
-        },
+        (error, _) => decode_error(file, unit, external(error)),
+    }
+}
+
+/// `unit`'s row group of `file` cannot be read or decoded.
+fn decode_error(file: &InputFile, unit: &Unit, source: ParquetError) -> InputError {
+    InputError::Decode {
+        file: file.uri.clone(),
+        row_group: unit.row_group,
+        source,
     }
 }
 
