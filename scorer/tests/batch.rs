@@ -1153,6 +1153,30 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         let source = if i < 500 { day2_source(i) } else { i };
         assert!((p.value - setup.expected(source)).abs() < 1e-6, "e{i}");
     }
+
+    // Nowhere to spool: the shard fails, saying where and what to do, and records nothing.
+    let out = batch_command(
+        &config_file(setup.dir.path(), &full),
+        &server.url(),
+        "g-nowhere",
+        1,
+        0,
+    )
+    .args(["--max-group-mib", "0", "--spool-dir", "/nonexistent/spool"])
+    .output()
+    .expect("run");
+    let log = stderr(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("spooling a row group to /nonexistent/spool")
+            && log.contains("ephemeral storage"),
+        "{log}"
+    );
+    let done: HashMap<String, u64> = conn
+        .hgetall(Keyspace::new("ml/churn", "3").shards_done("g-nowhere"))
+        .await
+        .expect("done");
+    assert!(done.is_empty(), "{done:?}");
 }
 
 /// Bytes are read only from the file version that was listed: a file rewritten after the
