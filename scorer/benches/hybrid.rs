@@ -335,6 +335,97 @@ for k in range(4):
     (base, changed)
 }
 
+/// Reading and decoding the feature table (no model, no Redis) from a store that answers
+/// each request after 20 ms and sends 80 MB/s per request, as an object store does
+/// (object_store's `ThrottledStore` over the table in memory), with 2, 4 and 8 row groups in
+/// flight: how far concurrent reads hide an object store's latency and per-request rate.
+fn remote_reads(data: &Path, rounds: usize) {
+    use millrace_crds::keys::{Keyspace, bucket_count};
+    use millrace_crds::spec::{MissingFeaturePolicy, MissingFeatures};
+    use millrace_scorer::batch::{decode, digest, input::Input, shard};
+    use object_store::ObjectStoreExt;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    use std::sync::Arc;
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let timings = runtime.block_on(async {
+        // In memory: the throttle needs a store that streams its bodies.
+        let memory = object_store::memory::InMemory::new();
+        let table = std::fs::read(data.join("features.parquet")).expect("table");
+        memory
+            .put(&"features.parquet".into(), table.into())
+            .await
+            .expect("put");
+        let store = ThrottledStore::new(
+            memory,
+            ThrottleConfig {
+                wait_get_per_call: Duration::from_millis(20),
+                wait_get_per_byte: Duration::from_nanos(12),
+                ..ThrottleConfig::default()
+            },
+        );
+        let uri = "s3://simulated/features.parquet";
+        let input = Input::open_in(Arc::new(store), "features.parquet".into(), uri)
+            .await
+            .expect("open");
+        let inputs: Vec<String> = (0..32).map(|i| format!("f{i}")).collect();
+        let mut columns = vec!["entity_id".to_string()];
+        columns.extend(inputs.iter().cloned());
+        let missing = MissingFeatures {
+            policy: MissingFeaturePolicy::Fill,
+            fill_value: 0.0,
+        };
+        let row_groups = input.row_groups();
+        let rows: u64 = row_groups.iter().flatten().sum();
+        let keyspace = Keyspace::new("bench/remote", "1");
+        let plan = decode::DecodePlan {
+            input: Arc::new(input),
+            columns,
+            id_column: "entity_id".into(),
+            digest_seed: digest::seed("entity_id", &inputs, &missing),
+            inputs,
+            missing,
+            batch_size: 8192,
+            layout: Arc::new(keyspace.batch_layout("remote", bucket_count(rows))),
+            keyspace,
+            generation: "remote".into(),
+            known: None,
+            ttl_ms: 60_000,
+            spool: decode::Spool {
+                dir: std::env::temp_dir(),
+                max_group_bytes: 64 << 20,
+            },
+        };
+        let mut timings = Vec::new();
+        for in_flight in [2, 4, 8] {
+            let mut seconds = Vec::new();
+            for _ in 0..rounds {
+                let started = Instant::now();
+                let units = shard::assign(&row_groups, 1, 0);
+                let mut decoded = decode::start(plan.clone(), units, in_flight);
+                let mut read = 0;
+                while let Some(message) = decoded.recv().await {
+                    if let decode::Decoded::Batch(batch) = message.expect("decodes") {
+                        read += batch.rows;
+                    }
+                }
+                assert_eq!(read, rows, "every row decoded");
+                seconds.push(started.elapsed().as_secs_f64());
+            }
+            timings.push((in_flight, median(seconds.into_iter())));
+        }
+        timings
+    });
+    let line: Vec<String> = timings
+        .iter()
+        .map(|(in_flight, seconds)| format!("{seconds:.2} s with {in_flight} in flight"))
+        .collect();
+    println!(
+        "reading and decoding the table from a store with 20 ms a request and 80 MB/s per request (simulated): {} (medians of {rounds})",
+        line.join(", ")
+    );
+}
+
 /// Runs `script` (pyarrow) with the feature table and `outputs` as arguments, unless
 /// `done` (the last file it writes) exists: derived tables are cached beside the data.
 fn derived_tables(data: &Path, what: &str, script: &str, outputs: &[&Path], done: &Path) {
@@ -656,6 +747,8 @@ fn main() {
         mib(&spooled),
         secs(&spooled),
     );
+
+    remote_reads(&data, batch_rounds);
 
     if std::env::var_os("MILLRACE_BENCH_BATCH_ONLY").is_some() {
         return;

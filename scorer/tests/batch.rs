@@ -612,6 +612,12 @@ async fn parquet_on_s3_gcs_and_azure_is_read_with_credentials_from_the_environme
                 .expect("run");
             if out.status.success() {
                 spooled += summary_field(&out, "spooled_groups");
+                // Small row groups on an object store: reads overlap, 8 at once by default.
+                assert!(
+                    stderr(&out).contains("row_groups_in_flight=8"),
+                    "{}",
+                    stderr(&out)
+                );
             }
             assert!(
                 out.status.success(),
@@ -1058,6 +1064,11 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
     };
     let full = setup.config(&format!("file://{}/day1/", setup.lake().display()), 64, 1);
     let out = spooled(&full, "g-full");
+    assert!(
+        stderr(&out).contains("row_groups_in_flight=2"),
+        "a local file system: two at once, {}",
+        stderr(&out)
+    );
     assert_eq!(
         (
             summary_field(&out, "spooled_groups"),

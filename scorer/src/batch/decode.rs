@@ -1,16 +1,15 @@
 //! The decoding stage of a batch shard: Parquet row groups decoded, every row checked and
-//! fingerprinted, by several tasks at once (`--decoders`, default 2), so on a machine with
-//! more than one core decoding no longer waits on itself. Each decoder reads its row group's
-//! column chunks itself (only if the file is still the version listed) and digests them
-//! ([`super::digest`]): into memory, or, for a row group over `--max-group-mib`, into a
-//! spool file on local disk that it then decodes page by page ([`Spool`]). In an incremental run it first asks whether the group's index was
-//! read from the same file version (then the group is carried without being read), then
-//! reads the index: a group whose digest it holds is carried whole, undecoded; otherwise it
-//! drops the rows it finds unchanged, so only changed or unknown rows are turned into model
-//! input and sent on. Batches reach the
-//! scoring stage through a bounded channel (memory stays flat: at most a few batches wait),
-//! each row group's end is announced with its new index, and the first error stops the
-//! shard.
+//! fingerprinted, by several tasks at once (`--decoders`, [`row_groups_in_flight`]), so on a
+//! machine with more than one core decoding no longer waits on itself. Each decoder reads its row
+//! group's column chunks itself (only if the file is still the version listed) and digests them
+//! ([`super::digest`]): into memory, or, for a row group over `--max-group-mib`, into a spool file
+//! on local disk that it then decodes page by page ([`Spool`]). In an incremental run it first asks
+//! whether the group's index was read from the same file version (then the group is carried without
+//! being read), then reads the index: a group whose digest it holds is carried whole, undecoded;
+//! otherwise it drops the rows it finds unchanged, so only changed or unknown rows are turned into
+//! model input and sent on. Batches reach the scoring stage through a bounded channel (memory stays
+//! flat: at most a few batches wait), each row group's end is announced with its new index, and the
+//! first error stops the shard.
 
 use std::sync::Arc;
 
@@ -130,6 +129,23 @@ pub struct Spool {
     pub dir: std::path::PathBuf,
     /// The largest row group held in memory.
     pub max_group_bytes: u64,
+}
+
+/// Row groups an object store's reads may hold in memory (or on disk, spooled) at once.
+const REMOTE_READ_BUDGET: u64 = 128 << 20;
+
+/// How many row groups to read and decode at once by default, the largest holding
+/// `largest_group_bytes` (the columns read, compressed). From a local file system, 2:
+/// reading is a copy from the page cache, decoding is the work, and two tasks keep two cores
+/// busy beside Redis. From an object store, as many as fit in [`REMOTE_READ_BUDGET`], 2 to
+/// 8: each read waits most of its time on the store's latency and per-request rate, which
+/// concurrent requests hide.
+pub fn row_groups_in_flight(remote: bool, largest_group_bytes: u64) -> usize {
+    if !remote {
+        return 2;
+    }
+    let fit = REMOTE_READ_BUDGET / largest_group_bytes.max(1);
+    usize::try_from(fit).unwrap_or(usize::MAX).clamp(2, 8)
 }
 
 /// Decodes `units` with at most `decoders` at once; returns the receiving end. The channel
@@ -392,4 +408,24 @@ async fn decode_unit(
         }))
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_store_reads_more_row_groups_at_once_as_far_as_the_budget_allows() {
+        assert_eq!(row_groups_in_flight(false, 1 << 20), 2);
+        assert_eq!(row_groups_in_flight(false, 1 << 30), 2);
+        assert_eq!(
+            row_groups_in_flight(true, 12 << 20),
+            8,
+            "13 MB groups: capped at 8"
+        );
+        assert_eq!(row_groups_in_flight(true, 32 << 20), 4);
+        assert_eq!(row_groups_in_flight(true, 64 << 20), 2);
+        assert_eq!(row_groups_in_flight(true, 1 << 30), 2, "never fewer than 2");
+        assert_eq!(row_groups_in_flight(true, 0), 8);
+    }
 }

@@ -125,6 +125,9 @@ pub struct InputFile {
 /// The listed input.
 pub struct Input {
     store: Arc<dyn ObjectStore>,
+    /// Whether it is on an object store (anything but `file://`), where reads wait on
+    /// requests rather than copy from the page cache.
+    pub remote: bool,
     /// The files, sorted by path.
     pub files: Vec<InputFile>,
 }
@@ -134,6 +137,15 @@ impl Input {
     /// directory) and reads their footers.
     pub async fn open(uri: &str) -> Result<Self, InputError> {
         let (store, path) = store_for(uri)?;
+        Self::open_in(store, path, uri).await
+    }
+
+    /// [`Input::open`] on a store already built: `path` in `store`, named `uri` in messages.
+    pub async fn open_in(
+        store: Arc<dyn ObjectStore>,
+        path: ObjectPath,
+        uri: &str,
+    ) -> Result<Self, InputError> {
         let store_error = |source| InputError::Store {
             uri: uri.to_string(),
             source,
@@ -190,7 +202,12 @@ impl Input {
         .buffered(FOOTER_READS)
         .try_collect()
         .await?;
-        Ok(Self { store, files })
+        let remote = !uri.starts_with("file:");
+        Ok(Self {
+            store,
+            remote,
+            files,
+        })
     }
 
     /// Rows per row group, per file: what the shard plan splits.
