@@ -368,7 +368,7 @@ impl Input {
     /// Streams `unit`'s row group in record batches of `batch_size` rows, decoding only
     /// `columns`, from `fetched` (its [`Input::fetch`]; anything else the reader asks for is
     /// read from the store).
-    pub fn stream(
+    fn stream(
         &self,
         unit: &Unit,
         columns: &[&str],
@@ -484,7 +484,7 @@ impl Input {
 
     /// Reads `unit`'s row group from its spool file in record batches of `batch_size` rows,
     /// one page per column in memory at a time.
-    pub fn read_spooled(
+    fn read_spooled(
         &self,
         unit: &Unit,
         columns: &[&str],
@@ -498,18 +498,7 @@ impl Input {
             .build()
             .map_err(|source| decode_error(file, unit, source))
     }
-}
 
-/// Where a row group's bytes are: in memory ([`Input::fetch`]) or in a spool file
-/// ([`Input::spool`]).
-pub enum GroupSource {
-    /// Held in memory.
-    Memory(GroupBytes),
-    /// On local disk.
-    Spooled(Spooled),
-}
-
-impl Input {
     /// `unit`'s row group in record batches of `batch_size` rows, decoding only `columns`,
     /// from where [`Input::fetch`] or [`Input::spool`] put its bytes.
     pub fn batches(
@@ -528,6 +517,15 @@ impl Input {
             }
         })
     }
+}
+
+/// Where a row group's bytes are: in memory ([`Input::fetch`]) or in a spool file
+/// ([`Input::spool`]).
+pub enum GroupSource {
+    /// Held in memory.
+    Memory(GroupBytes),
+    /// On local disk.
+    Spooled(Spooled),
 }
 
 /// A row group's record batches, decoded from memory or, page by page, from a spool file.
