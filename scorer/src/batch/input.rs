@@ -316,7 +316,7 @@ impl Input {
     }
 
     /// Reads the raw bytes of `unit`'s column chunks for `columns` (one request, which the
-    /// store may coalesce): what [`Input::stream`] decodes, and what a row group's content
+    /// store may coalesce): what [`Input::batches`] decodes, and what a row group's content
     /// digest covers.
     pub async fn fetch(&self, unit: &Unit, columns: &[&str]) -> Result<GroupBytes, InputError> {
         let file = &self.files[unit.file];
@@ -406,7 +406,7 @@ impl Input {
     /// requests of at most [`SPOOL_PIECE`] (each only if the object is still the version
     /// listed), feeding `digest` every chunk's bytes as they pass: a row group too large to
     /// hold in memory is read once and then decoded page by page from local disk
-    /// ([`Input::read_spooled`]).
+    /// ([`Input::batches`]).
     pub async fn spool(
         &self,
         unit: &Unit,
