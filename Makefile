@@ -40,6 +40,7 @@ simulate:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 	cargo run --quiet -p millrace-crds --bin crdgen -- --check
 
 crds:

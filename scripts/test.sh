@@ -16,6 +16,7 @@ eval "$(scripts/env.sh)"
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "generated files (CRD, chart copy, reference) match the code"
 cargo run --quiet --locked -p millrace-crds --bin crdgen -- --check

@@ -36,7 +36,7 @@ use super::writer::PredictionWriter;
 /// as before; format 1 reads as empty (its rows go the exact way once).
 const FORMAT: u8 = 3;
 
-/// Refreshes the TTL of an index written from the file version whose token is ARGV[1] (8
+/// Refreshes the TTL of an index written from the file version whose token is `ARGV[1]` (8
 /// bytes, little-endian) and returns how many rows it holds; -1, and nothing done, for any
 /// other (or none). One round trip, reading 17 bytes of the index instead of all of it.
 pub const KEEP_IF_READ_FROM: &str = "local head = redis.call('GETRANGE', KEYS[1], 0, 16) \

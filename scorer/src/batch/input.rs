@@ -403,7 +403,7 @@ impl Input {
     }
 
     /// Streams `unit`'s column chunks for `columns` into an anonymous file in `dir`, in
-    /// requests of at most [`SPOOL_PIECE`] (each only if the object is still the version
+    /// requests of at most 8 MiB (`SPOOL_PIECE`; each only if the object is still the version
     /// listed), feeding `digest` every chunk's bytes as they pass: a row group too large to
     /// hold in memory is read once and then decoded page by page from local disk
     /// ([`Input::batches`]).
