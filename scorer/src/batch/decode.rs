@@ -137,9 +137,9 @@ const REMOTE_READ_BUDGET: u64 = 128 << 20;
 /// How many row groups to read and decode at once by default, the largest holding
 /// `largest_group_bytes` (the columns read, compressed). From a local file system, 2:
 /// reading is a copy from the page cache, decoding is the work, and two tasks keep two cores
-/// busy beside Redis. From an object store, as many as fit in 128 MiB (`REMOTE_READ_BUDGET`), 2 to
-/// 8: each read waits most of its time on the store's latency and per-request rate, which
-/// concurrent requests hide.
+/// busy beside Redis. From an object store, as many as fit in 128 MiB
+/// (`REMOTE_READ_BUDGET`), 2 to 8: each read waits most of its time on the store's latency
+/// and per-request rate, which concurrent requests hide.
 pub fn row_groups_in_flight(remote: bool, largest_group_bytes: u64) -> usize {
     if !remote {
         return 2;
