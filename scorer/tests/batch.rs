@@ -799,13 +799,7 @@ async fn bad_input_names_the_file_column_and_row_group() {
     );
     let mut cfg = setup.config(&uri, 64, 1);
     cfg.features.missing.policy = MissingFeaturePolicy::Fallback;
-    let out = run_batch(
-        &config_file(setup.dir.path(), &cfg),
-        &server.url(),
-        "g8",
-        1,
-        0,
-    );
+    let out = run_one(&setup, &server, &cfg, "g8");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("skipped=1"), "{}", stderr(&out));
     let n1 = batch_value(&mut conn, "g8", "n1").await;
@@ -902,6 +896,22 @@ async fn day1_published(
     (setup, server, conn)
 }
 
+/// A single-shard run of `config` as `generation`.
+fn run_one(setup: &Setup, server: &RedisServer, config: &ScorerConfig, generation: &str) -> Output {
+    run_batch(
+        &config_file(setup.dir.path(), config),
+        &server.url(),
+        generation,
+        1,
+        0,
+    )
+}
+
+/// Numeric fields of a shard's summary line, in the order named.
+fn summary_fields<const N: usize>(out: &Output, names: [&str; N]) -> [u64; N] {
+    names.map(|name| summary_field(out, name))
+}
+
 /// A numeric field of a shard's summary line.
 fn summary_field(out: &Output, name: &str) -> u64 {
     let log = stderr(out);
@@ -951,20 +961,10 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
         |i| if moved(i) { i + 50_000 } else { i },
     );
     let mut incremental = setup.incremental("day2", 64, 1);
-    let out = run_batch(
-        &config_file(setup.dir.path(), &incremental),
-        &server.url(),
-        "g-inc",
-        1,
-        0,
-    );
+    let out = run_one(&setup, &server, &incremental, "g-inc");
     assert_eq!(
-        (
-            summary_field(&out, "unread_groups"),
-            summary_field(&out, "computed"),
-            summary_field(&out, "carried")
-        ),
-        (5, 100, 500),
+        summary_fields(&out, ["unread_groups", "computed", "carried"]),
+        [5, 100, 500],
         "only the changed row group is decoded: {}",
         stderr(&out)
     );
@@ -986,20 +986,10 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
         "copied files are new versions: read, and found unchanged by their digest"
     );
     // Now every index names the version it was read from: nothing is read at all.
-    let again = run_batch(
-        &config_file(setup.dir.path(), &incremental),
-        &server.url(),
-        "g-inc1",
-        1,
-        0,
-    );
+    let again = run_one(&setup, &server, &incremental, "g-inc1");
     assert_eq!(
-        (
-            summary_field(&again, "unread_groups"),
-            summary_field(&again, "bytes_read"),
-            summary_field(&again, "computed")
-        ),
-        (6, 0, 0)
+        summary_fields(&again, ["unread_groups", "bytes_read", "computed"]),
+        [6, 0, 0]
     );
     // The unread groups' indexes live on with the buckets.
     let ks = Keyspace::new("ml/churn", "3");
@@ -1016,20 +1006,10 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
         .await
         .expect("publish");
     incremental.features.missing.fill_value = 9.0;
-    let out = run_batch(
-        &config_file(setup.dir.path(), &incremental),
-        &server.url(),
-        "g-inc2",
-        1,
-        0,
-    );
+    let out = run_one(&setup, &server, &incremental, "g-inc2");
     assert_eq!(
-        (
-            summary_field(&out, "unread_groups"),
-            summary_field(&out, "computed"),
-            summary_field(&out, "carried")
-        ),
-        (0, 0, 600)
+        summary_fields(&out, ["unread_groups", "computed", "carried"]),
+        [0, 0, 600]
     );
 }
 
@@ -1070,11 +1050,8 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         stderr(&out)
     );
     assert_eq!(
-        (
-            summary_field(&out, "spooled_groups"),
-            summary_field(&out, "computed")
-        ),
-        (4 + 2, 900),
+        summary_fields(&out, ["spooled_groups", "computed"]),
+        [4 + 2, 900],
         "{}",
         stderr(&out)
     );
@@ -1106,20 +1083,10 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         .expect("copy");
     }
     let mut incremental = setup.incremental("day1-copy", 64, 1);
-    let out = run_batch(
-        &config_file(setup.dir.path(), &incremental),
-        &server.url(),
-        "g-inc",
-        1,
-        0,
-    );
+    let out = run_one(&setup, &server, &incremental, "g-inc");
     assert_eq!(
-        (
-            summary_field(&out, "unread_groups"),
-            summary_field(&out, "spooled_groups"),
-            summary_field(&out, "computed")
-        ),
-        (6, 0, 0),
+        summary_fields(&out, ["unread_groups", "spooled_groups", "computed"]),
+        [6, 0, 0],
         "a spooled group's digest is the one the same bytes get in memory: {}",
         stderr(&out)
     );
@@ -1147,11 +1114,8 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
     let out = spooled(&incremental, "g-inc2");
     let changed_rows = ids[..500].iter().filter(|&&i| changed(i)).count() as u64;
     assert_eq!(
-        (
-            summary_field(&out, "computed"),
-            summary_field(&out, "carried")
-        ),
-        (changed_rows, 900 - changed_rows),
+        summary_fields(&out, ["computed", "carried"]),
+        [changed_rows, 900 - changed_rows],
         "{}",
         stderr(&out)
     );
@@ -1323,11 +1287,8 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
     let out = run_batch(&cfg, &server.url(), "g-inc2", 1, 0);
     assert_eq!(shard_summary(&out), (0, 1005, 1005));
     assert_eq!(
-        (
-            summary_field(&out, "unread_groups"),
-            summary_field(&out, "bytes_read")
-        ),
-        (11, 0),
+        summary_fields(&out, ["unread_groups", "bytes_read"]),
+        [11, 0],
         "every file is the version the last run read: no row group is even read"
     );
 
@@ -1377,13 +1338,7 @@ async fn an_entity_twice_in_a_row_group_fails_an_incremental_run_before_it_write
         200,
     );
     let incremental = setup.incremental("day3", 32, 1);
-    let out = run_batch(
-        &config_file(setup.dir.path(), &incremental),
-        &server.url(),
-        "g-dup",
-        1,
-        0,
-    );
+    let out = run_one(&setup, &server, &incremental, "g-dup");
     assert!(!out.status.success(), "a repeated entity must fail the run");
     let log = stderr(&out);
     assert!(
