@@ -48,7 +48,6 @@ pub const READ_AHEAD: usize = 4;
 pub const WINDOW_ROWS: usize = 65_536;
 
 /// Predictions waiting to be written together, with where each came from.
-#[derive(Default)]
 struct Window {
     writes: Vec<FieldWrite>,
     expected: Vec<Expected>,
@@ -56,6 +55,19 @@ struct Window {
     source: Vec<u32>,
     /// The file and row group of each scored batch in the window.
     sources: Vec<(String, Group)>,
+}
+
+impl Window {
+    /// An empty window with room for [`WINDOW_ROWS`] writes: grown by doubling instead, a
+    /// full run's windows were copied a dozen times each on their way there.
+    fn new() -> Self {
+        Self {
+            writes: Vec::with_capacity(WINDOW_ROWS),
+            expected: Vec::with_capacity(WINDOW_ROWS),
+            source: Vec::with_capacity(WINDOW_ROWS),
+            sources: Vec::new(),
+        }
+    }
 }
 
 /// The read of the stored values of rows the index did not know.
@@ -116,7 +128,7 @@ impl Scoring {
             permits: Arc::new(Semaphore::new(writes_in_flight.max(1))),
             computed_at_ms,
             queue: VecDeque::new(),
-            window: Window::default(),
+            window: Window::new(),
             layout,
             fresh,
             adopting: None,
@@ -276,6 +288,10 @@ impl Scoring {
             ))
             .into());
         }
+        // A window stays within its capacity: full before this batch would overflow it.
+        if self.window.writes.len() + changed.len() > WINDOW_ROWS {
+            self.flush().await?;
+        }
         let computed_at_ms = self.computed_at_ms;
         let source = self.window.sources.len() as u32;
         self.window.sources.push((file, group));
@@ -335,7 +351,7 @@ impl Scoring {
             return Ok(());
         }
         self.adopted().await?;
-        let window = std::mem::take(&mut self.window);
+        let window = std::mem::replace(&mut self.window, Window::new());
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
