@@ -119,6 +119,10 @@ pub struct BatchConfig {
     pub batch_size: i32,
     /// Only recompute changed entities.
     pub incremental: bool,
+    /// How old the published generation may grow under incremental runs before a run is a
+    /// full one again (`0s`: never).
+    #[serde(default = "crate::spec::default_rebuild_after")]
+    pub rebuild_after: String,
 }
 
 /// A config that cannot be used.

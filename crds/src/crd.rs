@@ -118,7 +118,7 @@ mod tests {
             .iter()
             .filter(|p| p.contains("ns|us"))
             .collect::<Vec<_>>();
-        assert_eq!(durations.len(), 10, "{durations:?}");
+        assert_eq!(durations.len(), 11, "{durations:?}");
         assert!(
             durations
                 .iter()

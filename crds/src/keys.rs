@@ -30,7 +30,7 @@
 //! buckets spread too. Ids may not contain braces; see [`validate_entity_id`]. Answering
 //! "batch or real-time cached?" is one pipelined round trip (`GET` + `HGET`).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest entity id accepted, in bytes.
 pub const MAX_ENTITY_ID_LEN: usize = 256;
@@ -176,6 +176,12 @@ impl Keyspace {
         format!("{}g:{generation}:alias", self.base)
     }
 
+    /// What a batch run of `generation` does ([`RunPlan`]), decided by the first of its
+    /// shards to start so all of them do the same.
+    pub fn run_plan(&self, generation: &str) -> String {
+        format!("{}g:{generation}:plan", self.base)
+    }
+
     /// A `SCAN MATCH` pattern for every key of this version.
     pub fn scan_pattern(&self) -> String {
         format!("{}*", escape_glob(&self.base))
@@ -198,6 +204,58 @@ fn escape_glob(text: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// What a batch run does, as recorded under [`Keyspace::run_plan`]: written by the run's
+/// first shard, followed by the others, and read by serving scorers to learn when the
+/// published run looked at the features.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunPlan {
+    /// Score every entity into the run's own generation (`full {ms}`).
+    Full {
+        /// When the run started (Unix milliseconds): what later incremental runs measure
+        /// the generation's age by.
+        started_ms: u64,
+    },
+    /// Update generation `base` in place (`update {ms} {base}`).
+    Update {
+        /// When the run started (Unix milliseconds): every entity it carried had, then, the
+        /// features its prediction was computed from.
+        started_ms: u64,
+        /// The generation updated.
+        base: String,
+    },
+}
+
+impl RunPlan {
+    /// The record's text.
+    pub fn encode(&self) -> String {
+        match self {
+            Self::Full { started_ms } => format!("full {started_ms}"),
+            Self::Update { started_ms, base } => format!("update {started_ms} {base}"),
+        }
+    }
+
+    /// Reads a record written by [`RunPlan::encode`]; anything else is `None`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let plan = match (parts.next()?, parts.next()?.parse().ok()?) {
+            ("full", started_ms) => Self::Full { started_ms },
+            ("update", started_ms) => Self::Update {
+                started_ms,
+                base: parts.next().filter(|b| !b.is_empty())?.to_string(),
+            },
+            _ => return None,
+        };
+        parts.next().is_none().then_some(plan)
+    }
+
+    /// When the run started.
+    pub fn started_ms(&self) -> u64 {
+        match self {
+            Self::Full { started_ms } | Self::Update { started_ms, .. } => *started_ms,
+        }
+    }
 }
 
 /// A cached prediction: the value and when it was computed.
@@ -286,11 +344,6 @@ impl CachedPrediction {
             value: f32::from_le_bytes(value),
             computed_at_ms: u64::from_le_bytes(at),
         })
-    }
-
-    /// How old the prediction is at `now_ms` (zero if it claims to come from the future).
-    pub fn age(&self, now_ms: u64) -> Duration {
-        Duration::from_millis(now_ms.saturating_sub(self.computed_at_ms))
     }
 }
 
@@ -449,6 +502,37 @@ fn crc16_xmodem(data: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_plans_read_back_as_written_and_nothing_else_reads() {
+        for plan in [
+            RunPlan::Full { started_ms: 0 },
+            RunPlan::Full {
+                started_ms: 1_764_547_200_000,
+            },
+            RunPlan::Update {
+                started_ms: 1_764_547_200_000,
+                base: "churn-batch-29012345".into(),
+            },
+        ] {
+            assert_eq!(RunPlan::parse(&plan.encode()), Some(plan));
+        }
+        for bad in [
+            "",
+            "full",
+            "full x",
+            "full -1",
+            "full 1 2",
+            "update",
+            "update 5",
+            "update 5 ",
+            "update g1",
+            "update 5 g1 g2",
+            "partial 3",
+        ] {
+            assert_eq!(RunPlan::parse(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn keys_name_the_resource_version_and_entity() {

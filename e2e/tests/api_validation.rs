@@ -111,6 +111,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "less than or equal to 1048576",
     ),
     (
+        "a rebuild age in days (not a Go duration)",
+        r#"{"batch": {"rebuildAfter": "7d"}}"#,
+        "spec.batch.rebuildAfter",
+        "should match",
+    ),
+    (
         "a schedule that is not cron",
         r#"{"batch": {"schedule": "every night"}}"#,
         "spec.batch.schedule",
@@ -234,6 +240,10 @@ async fn the_example_is_accepted_and_defaults_are_filled_in() {
         assert_eq!(
             spec.batch.as_ref().map(|b| b.backoff_limit_per_index),
             Some(2)
+        );
+        assert_eq!(
+            spec.batch.as_ref().map(|b| b.rebuild_after.as_str()),
+            Some("168h")
         );
         assert_eq!(spec.serving.port, 8080);
         assert_eq!(spec.autoscaling.sync_period, "15s");

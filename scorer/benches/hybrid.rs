@@ -486,6 +486,7 @@ fn scorer_config(data: &Path, memory_entries: i64) -> ScorerConfig {
         shards: 1,
         batch_size: 8192,
         incremental: false,
+        rebuild_after: millrace_crds::spec::default_rebuild_after(),
     });
     cfg
 }

@@ -107,8 +107,8 @@ pub async fn run(args: WarmArgs) -> Result<WarmSummary, WarmError> {
         for (id, found) in chunk.iter().zip(found) {
             let found = found?;
             let fresh_batch = found
-                .batch
-                .is_some_and(|b| b.age(now) <= settings.max_staleness);
+                .batch_age(now)
+                .is_some_and(|age| age <= settings.max_staleness);
             if found.realtime.is_some() || fresh_batch {
                 summary.cached += 1;
             } else {

@@ -4,8 +4,10 @@
 //! (fake-gcs-server, Azurite): shards cover every row exactly once, predictions equal the
 //! model's, a killed shard records nothing and a rerun completes, bad input fails
 //! with the file, column and row group named, an incremental run rescores exactly the
-//! changed rows, a failed one never leaves a fingerprint index ahead of its predictions, and
-//! a write follows a Redis Cluster slot that moved to another master mid-run.
+//! changed rows, a failed one never leaves a fingerprint index ahead of its predictions, all
+//! shards of a run follow the plan its first shard recorded, an incremental run rebuilds a
+//! generation older than `batch.rebuildAfter`, and a write follows a Redis Cluster slot that
+//! moved to another master mid-run.
 
 mod support;
 
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray};
 use millrace_crds::config::{BatchConfig, ScorerConfig};
-use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace};
+use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace, RunPlan};
 use millrace_crds::spec::{ExecutionProvider, MissingFeaturePolicy, OfflineFeatures};
 use millrace_e2e::azure::AzuriteServer;
 use millrace_e2e::gcs::GcsServer;
@@ -125,6 +127,7 @@ impl Setup {
             shards,
             batch_size,
             incremental: false,
+            rebuild_after: millrace_crds::spec::default_rebuild_after(),
         });
         cfg
     }
@@ -1310,6 +1313,111 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
         .expect("publish");
     let out = run_batch(&cfg, &server.url(), "g-inc3", 1, 0);
     assert_eq!(shard_summary(&out), (0, 1005, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_shard_decides_the_run_and_an_old_generation_is_rebuilt() {
+    let ks = Keyspace::new("ml/churn", "3");
+    // Day 2: every tenth entity changed, five new, and entity 7 gone from the input.
+    let day2: Vec<usize> = (0..1_005).filter(|&i| i != 7).collect();
+    let (setup, server, mut conn) = day1_published(1_000, &day2, 100, 128).await;
+    let incremental = setup.incremental("day2", 128, 2);
+    let cfg = config_file(setup.dir.path(), &incremental);
+
+    // Shard 0 starts and decides: update g-full in place. Before shard 1 starts, the
+    // pointer moves (an operator publishing late) to a generation an incremental run could
+    // not update: shard 1 must still do what shard 0 decided.
+    let first = run_batch(&cfg, &server.url(), "g-inc", 2, 0);
+    let base_of = |plan: Option<String>| match plan.as_deref().and_then(RunPlan::parse) {
+        Some(RunPlan::Update { base, .. }) => Some(base),
+        _ => None,
+    };
+    let plan = conn.get(ks.run_plan("g-inc")).await.expect("plan");
+    assert_eq!(base_of(plan), Some("g-full".into()));
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-elsewhere")
+        .await
+        .expect("move the pointer");
+    let second = run_batch(&cfg, &server.url(), "g-inc", 2, 1);
+    let computed = shard_summary(&first).0 + shard_summary(&second).0;
+    assert_eq!(
+        computed, 105,
+        "one run: the changed and the new rows of both shards"
+    );
+    let own_layout: Option<u32> = conn.get(ks.bucket_count_key("g-inc")).await.expect("get");
+    assert_eq!(own_layout, None, "no shard wrote a generation of its own");
+    let gone = raw_values(&mut conn, "g-full", &[7]).await;
+    assert!(
+        gone[0].is_some(),
+        "an incremental run deletes nothing: entity 7 is still served"
+    );
+
+    // A week later (its full run's recorded start moved back eight days), the next
+    // incremental run scores everything into a generation of its own.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc")
+        .await
+        .expect("publish");
+    let started = |plan: Option<String>| match plan.as_deref().and_then(RunPlan::parse) {
+        Some(RunPlan::Full { started_ms }) => started_ms,
+        other => panic!("a full run's plan records its start, not {other:?}"),
+    };
+    let full_started = started(conn.get(ks.run_plan("g-full")).await.expect("plan"));
+    let backdated = RunPlan::Full {
+        started_ms: full_started - 8 * 86_400_000,
+    };
+    let _: () = conn
+        .set(ks.run_plan("g-full"), backdated.encode())
+        .await
+        .expect("backdate");
+    let rebuild = run_one(&setup, &server, &incremental, "g-week");
+    assert!(
+        stderr(&rebuild).contains("older than batch.rebuildAfter"),
+        "{}",
+        stderr(&rebuild)
+    );
+    assert_eq!(
+        shard_summary(&rebuild),
+        (1_004, 0, 0),
+        "every row scored afresh"
+    );
+    let alias: Option<String> = conn.get(ks.alias("g-week")).await.expect("alias");
+    assert_eq!(
+        alias, None,
+        "published as itself, not as an update of g-full"
+    );
+    let rebuilt = raw_values(&mut conn, "g-week", &day2).await;
+    for (&i, value) in day2.iter().zip(&rebuilt) {
+        let p = CachedPrediction::decode(value.as_deref().expect("written")).expect("decodes");
+        assert!(
+            (p.value - setup.expected(day2_source(i))).abs() < 1e-6,
+            "e{i}"
+        );
+    }
+    assert_eq!(
+        raw_values(&mut conn, "g-week", &[7]).await,
+        vec![None],
+        "entity 7 is not in the new generation"
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let week_started = started(conn.get(ks.run_plan("g-week")).await.expect("plan"));
+    assert!(
+        now_ms - week_started < 60_000,
+        "the rebuild records its own start"
+    );
+
+    // Published, the rebuilt generation is what the next incremental run updates.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-week")
+        .await
+        .expect("publish");
+    let next = run_one(&setup, &server, &incremental, "g-next");
+    assert_eq!(shard_summary(&next), (0, 1_004, 1_004));
+    let plan = conn.get(ks.run_plan("g-next")).await.expect("plan");
+    assert_eq!(base_of(plan), Some("g-week".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! `millrace-scorer serve` as a real process, against a real `redis-server` and a real
 //! `.onnx` model on ONNX Runtime: every tier of the chain, every fallback, Redis killed and
-//! restarted mid-test, single-flight, micro-batching, staleness, generations, traffic
+//! restarted mid-test, single-flight, micro-batching, staleness (counted from the run that
+//! last confirmed a carried prediction), generations, traffic
 //! windows and graceful shutdown.
 
 mod support;
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use millrace_crds::keys::{CachedPrediction, Keyspace, now_ms};
+use millrace_crds::keys::{CachedPrediction, Keyspace, RunPlan, now_ms};
 use millrace_crds::spec::{ExecutionProvider, MissingFeaturePolicy};
 use millrace_crds::traffic::TrafficWindow;
 use millrace_e2e::redis_server::RedisServer;
@@ -341,6 +342,71 @@ async fn fallbacks_stale_default_and_no_answer() {
     assert_eq!(body["degraded"], json!(["missing_features"]));
     assert!(
         body["error"].as_str().expect("error").contains("fallback"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prediction_an_incremental_run_carried_is_as_fresh_as_that_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    make_model(dir.path(), INPUTS.len(), 1);
+    let model_path = dir.path().join("model.onnx");
+    let server = RedisServer::start();
+    let mut conn = redis(&server).await;
+    let ks = keyspace();
+    // G1's full run computed u 13 hours ago (maxStaleness is 12h); the published run, an
+    // incremental one, updated G1 in place and carried u.
+    put_batch(
+        &mut conn,
+        &ks,
+        "G1",
+        "u",
+        0.3,
+        Duration::from_secs(13 * 3600),
+    )
+    .await;
+    let _: () = conn.set(ks.alias("G1-inc"), "G1").await.expect("alias");
+    let _: () = conn
+        .set(ks.serving_pointer(), "G1-inc")
+        .await
+        .expect("pointer");
+    // No features for u: were its prediction stale, recomputing would fail and say so.
+    let mut cfg = config(&model_path, &INPUTS);
+    cfg.features.missing.policy = MissingFeaturePolicy::Fallback;
+    cfg.cache.memory.max_entries = 0;
+    let scorer = Scorer::start(&cfg, &server.url(), &["--generation-refresh", "100ms"]).await;
+    let answer = |body: &serde_json::Value| {
+        (
+            body["source"].as_str().map(String::from),
+            body["stale"].as_bool(),
+        )
+    };
+    let (_, body) = scorer.get("/v1/predictions/u").await;
+    assert_eq!(
+        answer(&body),
+        (Some("batch".into()), Some(true)),
+        "a run that recorded no plan confirms nothing: {body}"
+    );
+
+    // The run recorded its plan: it started an hour ago, so u was checked an hour ago.
+    let plan = RunPlan::Update {
+        started_ms: now_ms() - 3_600_000,
+        base: "G1".into(),
+    };
+    let _: () = conn
+        .set(ks.run_plan("G1-inc"), plan.encode())
+        .await
+        .expect("plan");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, body) = scorer.get("/v1/predictions/u").await;
+    assert_eq!(answer(&body), (Some("batch".into()), Some(false)), "{body}");
+    assert_eq!(body["prediction"], 0.3);
+    assert!(
+        body["ageMs"].as_u64().expect("age") >= 13 * 3_600_000,
+        "the age still says when it was computed: {body}"
+    );
+    assert!(
+        body.get("degraded").is_none_or(|d| d == &json!([])),
         "{body}"
     );
 }

@@ -47,6 +47,15 @@ pub struct BatchSpec {
     #[serde(default)]
     pub incremental: bool,
 
+    /// How old the published generation may grow under incremental runs: the first run
+    /// after its full run is this old is a full run again, scoring every entity into a new
+    /// generation. Incremental runs carry what did not change and never delete, so this is
+    /// what bounds how long an entity gone from the input is still served, and how long a
+    /// carried prediction goes without being recomputed. `0s`: never. Default: 168h.
+    #[serde(default = "default_rebuild_after")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub rebuild_after: String,
+
     /// A run that cannot start within this many seconds of its time is skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -87,6 +96,12 @@ fn default_shards() -> i32 {
 
 fn default_batch_size() -> i32 {
     4096
+}
+
+/// A week: the price of one full run a week for bounded staleness of what incremental runs
+/// carry.
+pub fn default_rebuild_after() -> String {
+    "168h".to_string()
 }
 
 fn default_backoff_limit_per_index() -> i32 {

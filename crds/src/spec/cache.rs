@@ -47,7 +47,9 @@ pub struct CacheSpec {
     pub realtime_ttl: String,
 
     /// A batch prediction older than this counts as a miss and is recomputed; if that fails
-    /// it may still be served, marked stale. Default: 12h.
+    /// it may still be served, marked stale. Its age counts from when it was computed or, if
+    /// later, from the start of the published run that carried it unchanged (an incremental
+    /// run checks every carried prediction against the features). Default: 12h.
     #[serde(default = "default_max_staleness")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub max_staleness: String,

@@ -75,6 +75,7 @@ pub fn scorer_config(resource: &InferenceDeployment) -> ScorerConfig {
             shards: batch.shards,
             batch_size: batch.batch_size,
             incremental: batch.incremental,
+            rebuild_after: batch.rebuild_after.clone(),
         }),
     }
 }

@@ -13,9 +13,11 @@
 //! nothing for scorers. The trade-offs, by design: each prediction is replaced atomically,
 //! but a failed incremental run leaves a mix of new and previous predictions (each valid);
 //! every bucket of the updated generation gets the batch TTL again when the run starts, so
-//! carried predictions live as long as written ones; an entity gone from the input stays
-//! until that TTL. With nothing published yet (or a published generation without a bucket
-//! count, written by an older release), an incremental run is a full one. Unchanged rows
+//! carried predictions live as long as written ones (and scorers count their staleness from
+//! the run's start); an entity gone from the input is served until the next rebuild, a full
+//! run once the published generation is `batch.rebuildAfter` old. Whether a run is full or
+//! incremental is decided once, by its first shard ([`plan`]); with nothing published yet
+//! (or a published generation written by an older release) it is a full one. Unchanged rows
 //! are found through a per-row-group fingerprint index ([`index`]) rather than one read per
 //! entity, and a row group whose raw bytes did not change ([`digest`]) is not decoded at
 //! all.
@@ -39,6 +41,7 @@ pub mod decode;
 pub mod digest;
 pub mod index;
 pub mod input;
+pub mod plan;
 pub mod progress;
 pub mod scoring;
 pub mod shard;
@@ -47,7 +50,7 @@ pub mod writer;
 use std::sync::Arc;
 
 use clap::Args;
-use millrace_crds::keys::{BatchLayout, Keyspace, bucket_count, now_ms};
+use millrace_crds::keys::{BatchLayout, Keyspace, RunPlan, bucket_count, now_ms};
 use millrace_crds::spec::duration;
 use tracing::{info, warn};
 
@@ -170,6 +173,16 @@ pub enum BatchError {
         /// This shard's count.
         computed: u32,
     },
+    /// The run's recorded plan cannot be followed.
+    #[error(
+        "the plan of generation {generation} cannot be followed: {problem}; rerun under a new generation"
+    )]
+    Plan {
+        /// The run's generation.
+        generation: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// Redis failed.
     #[error("redis ({during}): {source}")]
     Redis {
@@ -205,43 +218,39 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// The generation scorers read now (following an incremental run's alias), if any.
-async fn published_generation(
-    writer: &PredictionWriter,
-    keyspace: &Keyspace,
-) -> Result<Option<String>, BatchError> {
-    let pointer = keyspace.serving_pointer();
-    let Some(published): Option<String> = writer
-        .command(&pointer, redis::cmd("GET").arg(&pointer))
-        .await
-        .map_err(redis("reading the published generation"))?
-    else {
-        return Ok(None);
-    };
-    let alias = keyspace.alias(&published);
-    let aliased: Option<String> = writer
-        .command(&alias, redis::cmd("GET").arg(&alias))
-        .await
-        .map_err(redis("reading the published generation"))?;
-    Ok(Some(aliased.unwrap_or(published)))
+/// Says in the log what the run does and why.
+fn log_plan(settled: &plan::Settled, rebuild_after: &str) {
+    use plan::Reason;
+    let published = settled.published.as_deref().unwrap_or_default();
+    match (&settled.plan, &settled.reason) {
+        (RunPlan::Update { base, .. }, None | Some(Reason::Incremental)) => {
+            info!(%base, "incremental: updating the published generation in place; unchanged entities are carried")
+        }
+        (RunPlan::Full { .. }, None) => info!("a full run, as the run's first shard decided"),
+        (RunPlan::Full { .. }, Some(Reason::NotIncremental)) => {}
+        (RunPlan::Full { .. }, Some(Reason::NothingPublished)) => {
+            info!("incremental: nothing is published yet, so this is a full run")
+        }
+        (RunPlan::Full { .. }, Some(Reason::NoBucketCount)) => warn!(
+            %published,
+            "the published generation records no bucket count (an older release wrote it, or it expired): this incremental run is a full one"
+        ),
+        (RunPlan::Full { .. }, Some(Reason::NoFullRunStart)) => warn!(
+            %published,
+            "the published generation records no start of its full run (an older release wrote it, or it expired): this incremental run is a full one"
+        ),
+        (RunPlan::Full { .. }, Some(Reason::Rebuild { age })) => info!(
+            %published, age_hours = format!("{:.1}", age.as_secs_f64() / 3600.0), rebuild_after,
+            "incremental: the published generation's full run is older than batch.rebuildAfter, so this run scores every entity into a new generation (entities gone from the input stop being served)"
+        ),
+        // `plan::decide` never pairs these.
+        (RunPlan::Full { .. }, Some(Reason::Incremental)) | (RunPlan::Update { .. }, Some(_)) => {}
+    }
 }
 
 /// Turns a Redis error met `during` something into the shard's error.
 fn redis(during: &'static str) -> impl FnOnce(redis::RedisError) -> BatchError {
     move |source| BatchError::Redis { during, source }
-}
-
-/// The bucket count `generation` recorded, if any.
-async fn recorded_buckets(
-    writer: &PredictionWriter,
-    keyspace: &Keyspace,
-    generation: &str,
-) -> Result<Option<u32>, BatchError> {
-    let key = keyspace.bucket_count_key(generation);
-    writer
-        .command(&key, redis::cmd("GET").arg(&key))
-        .await
-        .map_err(redis("reading the generation's bucket count"))
 }
 
 /// Records `buckets` as `generation`'s bucket count, or checks it against the count an
@@ -264,7 +273,7 @@ async fn record_buckets(
     if written.is_some() {
         return Ok(());
     }
-    match recorded_buckets(writer, keyspace, generation).await? {
+    match plan::recorded_buckets(writer, keyspace, generation).await? {
         Some(recorded) if recorded != buckets => Err(BatchError::Layout {
             generation: generation.to_string(),
             recorded,
@@ -374,28 +383,34 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     );
     let computed_at_ms = now_ms();
     let incremental = config.batch.as_ref().is_some_and(|b| b.incremental);
-    // An incremental run updates the published generation in place (module docs).
-    let mut base = if incremental {
-        published_generation(&writer, &keyspace).await?
-    } else {
-        None
+    let rebuild_after = match &config.batch {
+        Some(batch) => duration::parse(&batch.rebuild_after)
+            .map_err(|e| config_error(format!("batch.rebuildAfter: {e}")))?,
+        None => std::time::Duration::ZERO,
     };
-    // The generation updated in place keeps its buckets; a new one is sized to the input.
-    let mut base_buckets = None;
-    if let Some(published) = &base {
-        base_buckets = recorded_buckets(&writer, &keyspace, published).await?;
-        if base_buckets.is_none() {
-            warn!(%published, "the published generation records no bucket count (an older release wrote it, or it expired): this incremental run is a full one");
-            base = None;
-        }
-    }
-    match (&base, incremental) {
-        (Some(base), _) => {
-            info!(%base, "incremental: updating the published generation in place; unchanged entities are carried")
-        }
-        (None, true) => info!("incremental: nothing is published yet, so this is a full run"),
-        (None, false) => {}
-    }
+    // Full or incremental, and which generation an incremental run updates: decided by the
+    // run's first shard, followed by the others (plan module docs).
+    let planned = plan::settle(
+        &writer,
+        &keyspace,
+        &args.generation,
+        incremental,
+        rebuild_after,
+        computed_at_ms,
+        ttl_ms,
+    )
+    .await?;
+    log_plan(
+        &planned,
+        config
+            .batch
+            .as_ref()
+            .map_or("", |b| b.rebuild_after.as_str()),
+    );
+    let (base, base_buckets) = match planned.base {
+        Some(base) => (Some(base.generation), Some(base.buckets)),
+        None => (None, None),
+    };
     let target = base.clone().unwrap_or_else(|| args.generation.clone());
     let buckets = match base_buckets {
         Some(buckets) => buckets,
@@ -508,14 +523,14 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     scoring.finish().await?;
     let (written, carried, settled) = (scoring.written, scoring.carried, scoring.settled);
     if let Some(base) = &base {
-        let count_key = keyspace.bucket_count_key(base);
-        let _: i64 = writer
-            .command(
-                &count_key,
-                redis::cmd("PEXPIRE").arg(&count_key).arg(ttl_ms),
-            )
-            .await
-            .map_err(redis("refreshing the TTL of carried predictions"))?;
+        // The updated generation's records live as long as its predictions: its bucket
+        // count, and the start of its full run (what `batch.rebuildAfter` is measured from).
+        for key in [keyspace.bucket_count_key(base), keyspace.run_plan(base)] {
+            let _: i64 = writer
+                .command(&key, redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms))
+                .await
+                .map_err(redis("refreshing the TTL of carried predictions"))?;
+        }
         // Publishing this run's name must lead scorers to the generation it updated.
         let alias = keyspace.alias(&args.generation);
         writer

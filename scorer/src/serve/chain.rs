@@ -239,8 +239,11 @@ impl Scorer {
         match self.redis.lookup(id, self.redis_timeout(deadline)).await {
             Ok(found) => {
                 let now = now_ms();
+                let stale = found
+                    .batch_age(now)
+                    .is_some_and(|age| age > self.settings.max_staleness);
                 let fresh_batch = match found.batch {
-                    Some(b) if b.age(now) > self.settings.max_staleness => {
+                    Some(b) if stale => {
                         stale_batch = Some(b);
                         None
                     }

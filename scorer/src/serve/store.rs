@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace};
+use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace, RunPlan};
 use millrace_crds::traffic::TrafficWindow;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -106,6 +106,9 @@ impl Connection {
 struct Serving {
     generation: Arc<str>,
     layout: Arc<BatchLayout>,
+    /// When the published run started, if it recorded its plan: an incremental run confirms
+    /// then that every prediction it carried still matches the features.
+    confirmed_ms: Option<u64>,
 }
 
 /// What one lookup found for an entity.
@@ -113,8 +116,26 @@ struct Serving {
 pub struct Found {
     /// The serving generation's batch prediction.
     pub batch: Option<CachedPrediction>,
+    /// When the published run started (see [`Found::batch_age`]).
+    pub batch_confirmed_ms: Option<u64>,
     /// The cached real-time prediction.
     pub realtime: Option<CachedPrediction>,
+}
+
+impl Found {
+    /// How old the batch prediction's view of the features is at `now_ms`: from when it was
+    /// computed or, if later, from when the published run started. An incremental run
+    /// rewrites only what changed; every prediction it carries was checked against the
+    /// features at that run, so it is as fresh as one computed then (counted from its full
+    /// run instead, every carried prediction would pass `maxStaleness` and be recomputed on
+    /// every request, however recently a run confirmed it).
+    pub fn batch_age(&self, now_ms: u64) -> Option<Duration> {
+        let batch = self.batch?;
+        let seen = batch
+            .computed_at_ms
+            .max(self.batch_confirmed_ms.unwrap_or(0));
+        Some(Duration::from_millis(now_ms.saturating_sub(seen)))
+    }
 }
 
 /// The Redis tier.
@@ -269,12 +290,13 @@ impl RedisTier {
             .map(|s| Arc::clone(&s.generation))
     }
 
-    fn layout(&self) -> Option<Arc<BatchLayout>> {
+    /// Where the serving generation's predictions are, and when its run started.
+    fn layout(&self) -> Option<(Arc<BatchLayout>, Option<u64>)> {
         self.serving
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
-            .map(|s| Arc::clone(&s.layout))
+            .map(|s| (Arc::clone(&s.layout), s.confirmed_ms))
     }
 
     /// Reads the serving pointer (and, when it names an incremental run, the generation
@@ -284,12 +306,17 @@ impl RedisTier {
     /// read: its entities are computed in real time until the next run.
     pub async fn refresh_generation(&self) -> Result<Option<Arc<str>>, TierError> {
         let pointer: Option<String> = self.get(self.keyspace.serving_pointer()).await?;
-        let resolved = match pointer {
+        let (resolved, confirmed_ms) = match pointer {
             Some(published) => {
                 let alias: Option<String> = self.get(self.keyspace.alias(&published)).await?;
-                Some(alias.unwrap_or(published))
+                let plan: Option<String> = self.get(self.keyspace.run_plan(&published)).await?;
+                let started = plan
+                    .as_deref()
+                    .and_then(RunPlan::parse)
+                    .map(|p| p.started_ms());
+                (Some(alias.unwrap_or(published)), started)
             }
-            None => None,
+            None => (None, None),
         };
         let serving = match resolved {
             Some(generation) => {
@@ -300,6 +327,7 @@ impl RedisTier {
                     Some(buckets) => Some(Serving {
                         layout: Arc::new(self.keyspace.batch_layout(&generation, buckets)),
                         generation: Arc::from(generation),
+                        confirmed_ms,
                     }),
                     None => {
                         warn!(%generation, "the published generation records no bucket count: not reading it");
@@ -322,8 +350,10 @@ impl RedisTier {
                 .map(|s| (&s.generation, s.layout.buckets()));
         if changed {
             info!(generation = ?generation.as_deref(), "serving batch generation changed");
-            *current = serving;
         }
+        // Also when only the run changed: an incremental run published over the same
+        // generation confirms its predictions anew.
+        *current = serving;
         Ok(generation)
     }
 
@@ -332,9 +362,9 @@ impl RedisTier {
     /// predictions.
     pub async fn lookup(&self, id: &str, timeout: Duration) -> Result<Found, TierError> {
         let realtime = self.keyspace.realtime(id);
-        let batch = self
-            .layout()
-            .map(|layout| (layout.key_of(id), id.to_string()));
+        let serving = self.layout();
+        let batch_confirmed_ms = serving.as_ref().and_then(|(_, confirmed)| *confirmed);
+        let batch = serving.map(|(layout, _)| (layout.key_of(id), id.to_string()));
         let values: Vec<Option<Vec<u8>>> = self
             .guarded("lookup", timeout, |mut connection| async move {
                 connection.cached(realtime, batch).await
@@ -353,6 +383,7 @@ impl RedisTier {
         Ok(Found {
             realtime: decode(values.first()),
             batch: decode(values.get(1)),
+            batch_confirmed_ms,
         })
     }
 
@@ -455,5 +486,30 @@ impl RedisTier {
     /// The breaker's state.
     pub fn circuit(&self) -> super::breaker::CircuitState {
         self.breaker.state()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_prediction_is_as_old_as_its_computation_or_the_run_that_confirmed_it() {
+        let computed = CachedPrediction {
+            value: 0.5,
+            computed_at_ms: 1_000,
+        };
+        let found = |confirmed_ms| Found {
+            batch: Some(computed),
+            batch_confirmed_ms: confirmed_ms,
+            realtime: None,
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(found(None).batch_age(5_000), Some(ms(4_000)));
+        assert_eq!(found(Some(3_000)).batch_age(5_000), Some(ms(2_000)));
+        // A run that started before the prediction was computed says nothing newer.
+        assert_eq!(found(Some(500)).batch_age(5_000), Some(ms(4_000)));
+        assert_eq!(found(Some(9_000)).batch_age(5_000), Some(ms(0)));
+        assert_eq!(Found::default().batch_age(5_000), None);
     }
 }
