@@ -28,7 +28,13 @@ status_reports_all_running() {
   out=$("$e2e_dir/cluster" status) || return 1
   [ "$(grep -c ' running (pid' <<<"$out")" -eq 5 ] && [ "$(grep -c ' True ' <<<"$out")" -eq 5 ]
 }
-reports_version() { "$TOOLS_BIN/$1" "${@:3}" 2>&1 | grep -q -- "$2"; }
+# The output is read whole before it is searched: `grep -q` in a pipe exits at its first
+# match, and under pipefail a binary still printing then dies of SIGPIPE and fails the check.
+reports_version() {
+  local out
+  out=$("$TOOLS_BIN/$1" "${@:3}" 2>&1) || return 1
+  grep -q -- "$2" <<<"$out"
+}
 no_component_process_left() {
   local f
   for f in "$state"/pids/*.pid; do [ -e "$f" ] && return 1; done
