@@ -1418,6 +1418,32 @@ async fn the_first_shard_decides_the_run_and_an_old_generation_is_rebuilt() {
     assert_eq!(shard_summary(&next), (0, 1_004, 1_004));
     let plan = conn.get(ks.run_plan("g-next")).await.expect("plan");
     assert_eq!(base_of(plan), Some("g-week".into()));
+
+    // A garbled record: under the run's own name nobody can follow it, so the shard fails
+    // and writes nothing; under the published generation it only hides its age, so the run
+    // rebuilds.
+    let _: () = conn
+        .set(ks.run_plan("g-garbled"), "half a plan")
+        .await
+        .expect("garble");
+    let garbled = run_one(&setup, &server, &incremental, "g-garbled");
+    assert!(!garbled.status.success());
+    assert!(
+        stderr(&garbled).contains("the plan of generation g-garbled cannot be followed"),
+        "{}",
+        stderr(&garbled)
+    );
+    let _: () = conn
+        .set(ks.run_plan("g-week"), "half a plan")
+        .await
+        .expect("garble");
+    let rebuilt = run_one(&setup, &server, &incremental, "g-after");
+    assert!(
+        stderr(&rebuilt).contains("records no start of its full run"),
+        "{}",
+        stderr(&rebuilt)
+    );
+    assert_eq!(shard_summary(&rebuilt).0, 1_004);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,12 @@
 //! that publishes the previous run late must not split one run over two generations).
 //!
 //! An incremental run updates the published generation unless [`decide`] finds a reason not
-//! to: nothing is published, the published generation records no bucket count or no start of
-//! its full run (an older release wrote it, or the records expired), or that full run is
-//! older than `batch.rebuildAfter`. The last is what bounds an incremental deployment's
-//! staleness: incremental runs carry what did not change and delete nothing, so an entity
-//! gone from the input would otherwise be served for as long as runs keep its bucket alive.
+//! to: nothing is published, the published generation records no bucket count or no
+//! readable start of its full run (an older release wrote it, or the records expired), or
+//! that full run is older than `batch.rebuildAfter`. The last is what bounds an incremental
+//! deployment's staleness: incremental runs carry what did not change and delete nothing,
+//! so an entity gone from the input would otherwise be served for as long as runs keep its
+//! bucket alive.
 
 use std::time::Duration;
 
@@ -125,7 +126,12 @@ pub async fn settle(
     let published = match published_generation(writer, keyspace).await? {
         Some(generation) => Some(Published {
             buckets: recorded_buckets(writer, keyspace, &generation).await?,
-            full_run_started_ms: match recorded_plan(writer, keyspace, &generation).await? {
+            // Unreadable counts as unrecorded: the run rebuilds rather than fail.
+            full_run_started_ms: match plan_text(writer, keyspace, &generation)
+                .await?
+                .as_deref()
+                .and_then(RunPlan::parse)
+            {
                 Some(RunPlan::Full { started_ms }) => Some(started_ms),
                 _ => None,
             },
@@ -200,17 +206,14 @@ async fn follow(
     })
 }
 
-/// The plan recorded under `generation`, if any; an unreadable record is an error.
+/// The plan recorded under `generation`, if any; an unreadable record is an error (this
+/// run's shards cannot agree on what they do without it).
 async fn recorded_plan(
     writer: &PredictionWriter,
     keyspace: &Keyspace,
     generation: &str,
 ) -> Result<Option<RunPlan>, BatchError> {
-    let key = keyspace.run_plan(generation);
-    let text: Option<String> = writer
-        .command(&key, redis::cmd("GET").arg(&key))
-        .await
-        .map_err(redis("reading a run's plan"))?;
+    let text = plan_text(writer, keyspace, generation).await?;
     text.map(|text| {
         RunPlan::parse(&text).ok_or_else(|| BatchError::Plan {
             generation: generation.to_string(),
@@ -218,6 +221,19 @@ async fn recorded_plan(
         })
     })
     .transpose()
+}
+
+/// The text of `generation`'s plan record, if any.
+async fn plan_text(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    generation: &str,
+) -> Result<Option<String>, BatchError> {
+    let key = keyspace.run_plan(generation);
+    writer
+        .command(&key, redis::cmd("GET").arg(&key))
+        .await
+        .map_err(redis("reading a run's plan"))
 }
 
 /// The generation scorers read now (following an incremental run's alias), if any.
