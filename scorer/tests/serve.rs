@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use millrace_crds::keys::{CachedPrediction, Keyspace, RunPlan, now_ms};
@@ -69,6 +69,15 @@ async fn put_batch(
     let _: () = conn.hset(key, id, &p.encode()[..]).await.expect("hset");
 }
 
+/// The test model in a temporary directory, and its path (keep the directory alive as long
+/// as a scorer may read the model).
+fn model_file() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    make_model(dir.path(), INPUTS.len(), 1);
+    let path = dir.path().join("model.onnx");
+    (dir, path)
+}
+
 fn local_model(path: &Path) -> Model {
     Model::load(
         path,
@@ -86,9 +95,7 @@ fn close(a: f64, b: f32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_tier_answers_in_order_and_says_so() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let model = local_model(&model_path);
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
@@ -282,9 +289,7 @@ async fn every_tier_answers_in_order_and_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallbacks_stale_default_and_no_answer() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
     let ks = keyspace();
@@ -348,9 +353,7 @@ async fn fallbacks_stale_default_and_no_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prediction_an_incremental_run_carried_is_as_fresh_as_that_run() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
     let ks = keyspace();
@@ -413,9 +416,7 @@ async fn a_prediction_an_incremental_run_carried_is_as_fresh_as_that_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_published_generation_is_picked_up() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
     let ks = keyspace();
@@ -439,9 +440,7 @@ async fn a_published_generation_is_picked_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_mid_test_degrades_then_recovers() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let model = local_model(&model_path);
     let mut server = RedisServer::start();
     let ks = keyspace();
@@ -564,9 +563,7 @@ async fn redis_killed_and_restarted_mid_test_degrades_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scorer_started_while_redis_is_down_serves_and_recovers() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let mut server = RedisServer::start();
     server.stop();
     let scorer = Scorer::start(
@@ -604,9 +601,7 @@ async fn a_scorer_started_while_redis_is_down_serves_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_compute_once_and_micro_batches_equal_single_rows() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let model = local_model(&model_path);
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
@@ -696,9 +691,7 @@ async fn concurrent_misses_compute_once_and_micro_batches_equal_single_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_windows_reach_redis_and_leave_with_the_pod() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
     let ks = keyspace();
@@ -746,9 +739,7 @@ async fn traffic_windows_reach_redis_and_leave_with_the_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {
-    let dir = tempfile::tempdir().expect("tmp");
-    make_model(dir.path(), INPUTS.len(), 1);
-    let model_path = dir.path().join("model.onnx");
+    let (_dir, model_path) = model_file();
     let server = RedisServer::start();
     let mut conn = redis(&server).await;
     let ks = keyspace();

@@ -229,11 +229,12 @@ async fn plan_text(
     keyspace: &Keyspace,
     generation: &str,
 ) -> Result<Option<String>, BatchError> {
-    let key = keyspace.run_plan(generation);
-    writer
-        .command(&key, redis::cmd("GET").arg(&key))
-        .await
-        .map_err(redis("reading a run's plan"))
+    get(
+        writer,
+        &keyspace.run_plan(generation),
+        "reading a run's plan",
+    )
+    .await
 }
 
 /// The generation scorers read now (following an incremental run's alias), if any.
@@ -241,19 +242,11 @@ async fn published_generation(
     writer: &PredictionWriter,
     keyspace: &Keyspace,
 ) -> Result<Option<String>, BatchError> {
-    let pointer = keyspace.serving_pointer();
-    let Some(published): Option<String> = writer
-        .command(&pointer, redis::cmd("GET").arg(&pointer))
-        .await
-        .map_err(redis("reading the published generation"))?
-    else {
+    let during = "reading the published generation";
+    let Some(published) = get::<String>(writer, &keyspace.serving_pointer(), during).await? else {
         return Ok(None);
     };
-    let alias = keyspace.alias(&published);
-    let aliased: Option<String> = writer
-        .command(&alias, redis::cmd("GET").arg(&alias))
-        .await
-        .map_err(redis("reading the published generation"))?;
+    let aliased = get(writer, &keyspace.alias(&published), during).await?;
     Ok(Some(aliased.unwrap_or(published)))
 }
 
@@ -264,10 +257,19 @@ pub async fn recorded_buckets(
     generation: &str,
 ) -> Result<Option<u32>, BatchError> {
     let key = keyspace.bucket_count_key(generation);
+    get(writer, &key, "reading the generation's bucket count").await
+}
+
+/// `GET key`, a failure reported as met `during` something.
+async fn get<T: redis::FromRedisValue>(
+    writer: &PredictionWriter,
+    key: &str,
+    during: &'static str,
+) -> Result<Option<T>, BatchError> {
     writer
-        .command(&key, redis::cmd("GET").arg(&key))
+        .command(key, redis::cmd("GET").arg(key))
         .await
-        .map_err(redis("reading the generation's bucket count"))
+        .map_err(redis(during))
 }
 
 #[cfg(test)]
