@@ -255,6 +255,26 @@ async fn read_all(
     out
 }
 
+/// Asserts that `generation` holds, for every entity `e{i}` below `n`, the model's
+/// prediction on the features of entity `source(i)`.
+async fn assert_scored_as(
+    conn: &mut impl redis::aio::ConnectionLike,
+    setup: &Setup,
+    generation: &str,
+    n: usize,
+    source: impl Fn(usize) -> usize,
+) {
+    for (i, p) in read_all(conn, generation, n).await.into_iter().enumerate() {
+        let p = p.unwrap_or_else(|| panic!("e{i} missing from {generation}"));
+        let expected = setup.expected(source(i));
+        assert!(
+            (p.value - expected).abs() < 1e-6,
+            "e{i}: {} vs {expected}",
+            p.value
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_cover_every_row_exactly_once_and_equal_the_model() {
     let setup = Setup::new();
@@ -303,19 +323,7 @@ async fn shards_cover_every_row_exactly_once_and_equal_the_model() {
             fields += len;
         }
         assert_eq!(fields, n, "one field per entity across the buckets");
-        for (i, p) in read_all(&mut conn, &generation, n)
-            .await
-            .into_iter()
-            .enumerate()
-        {
-            let p = p.unwrap_or_else(|| panic!("e{i} missing with {shards} shards"));
-            assert!(
-                (p.value - setup.expected(i)).abs() < 1e-6,
-                "e{i}: {} vs {}",
-                p.value,
-                setup.expected(i)
-            );
-        }
+        assert_scored_as(&mut conn, &setup, &generation, n, |i| i).await;
         let bucket = layout_of(&mut conn, &generation).await.key_of("e0");
         let ttl: i64 = conn.pttl(bucket).await.expect("pttl");
         assert!(ttl > 86_000_000 && ttl <= 86_400_000, "batchTTL 24h: {ttl}");
@@ -1058,14 +1066,7 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         "{}",
         stderr(&out)
     );
-    for (i, p) in read_all(&mut conn, "g-full", 900)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        let p = p.unwrap_or_else(|| panic!("e{i} missing"));
-        assert!((p.value - setup.expected(i)).abs() < 1e-6, "e{i}");
-    }
+    assert_scored_as(&mut conn, &setup, "g-full", 900, |i| i).await;
     assert_eq!(
         std::fs::read_dir(&spool).expect("spool").count(),
         0,
@@ -1122,15 +1123,8 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         "{}",
         stderr(&out)
     );
-    for (i, p) in read_all(&mut conn, "g-full", 900)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        let p = p.unwrap_or_else(|| panic!("e{i} missing"));
-        let source = if i < 500 { day2_source(i) } else { i };
-        assert!((p.value - setup.expected(source)).abs() < 1e-6, "e{i}");
-    }
+    let source = |i| if i < 500 { day2_source(i) } else { i };
+    assert_scored_as(&mut conn, &setup, "g-full", 900, source).await;
 
     // Nowhere to spool: the shard fails, saying where and what to do, and records nothing.
     let out = batch_command(
