@@ -1,14 +1,15 @@
 //! The decoding stage of a batch shard: Parquet row groups decoded, every row checked and
 //! fingerprinted, by several tasks at once (`--decoders`, [`row_groups_in_flight`]), so on a
-//! machine with more than one core decoding no longer waits on itself. Each decoder reads its row
-//! group's column chunks itself (only if the file is still the version listed) and digests them
-//! ([`super::digest`]): into memory, or, for a row group over `--max-group-mib`, into a spool file
-//! on local disk that it then decodes page by page ([`Spool`]). In an incremental run it first asks
-//! whether the group's index was read from the same file version (then the group is carried without
-//! being read), then reads the index: a group whose digest it holds is carried whole, undecoded;
-//! otherwise it drops the rows it finds unchanged, so only changed or unknown rows are turned into
-//! model input and sent on. Batches reach the scoring stage through a bounded channel (memory stays
-//! flat: at most a few batches wait), each row group's end is announced with its new index, and the
+//! machine with more than one core decoding no longer waits on itself. Each decoder reads
+//! its row group's column chunks itself (only if the file is still the version listed) and
+//! digests them ([`super::digest`]): into memory, or, for a row group over
+//! `--max-group-mib`, into a spool file on local disk that it then decodes page by page
+//! ([`Spool`]). In an incremental run it first asks whether the group's index was read from
+//! the same file version (then the group is carried without being read), then reads the
+//! index: a group whose digest it holds is carried whole, undecoded; otherwise it drops the
+//! rows it finds unchanged, so only changed or unknown rows are turned into model input and
+//! sent on. Batches reach the scoring stage through a bounded channel (memory stays flat: at
+//! most a few batches wait), each row group's end is announced with its new index, and the
 //! first error stops the shard.
 
 use std::sync::Arc;
@@ -265,12 +266,7 @@ async fn decode_unit(
     }
     let reading = read_index(plan, &index_key);
     let types = plan.input.column_types(unit.file, &columns);
-    let size: u64 = plan
-        .input
-        .chunk_ranges(unit, &columns)?
-        .iter()
-        .map(|range| range.end - range.start)
-        .sum();
+    let size = plan.input.chunk_bytes(unit, &columns)?;
     // A row group larger than the limit goes to local disk first and is decoded from
     // there page by page, so memory does not grow with row group size.
     let spooled = size > plan.spool.max_group_bytes;

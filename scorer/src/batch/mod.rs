@@ -364,8 +364,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         None => {
             let mut largest = 0;
             for unit in &units {
-                let ranges = input.chunk_ranges(unit, &columns)?;
-                largest = largest.max(ranges.iter().map(|r| r.end - r.start).sum::<u64>());
+                largest = largest.max(input.chunk_bytes(unit, &columns)?);
             }
             decode::row_groups_in_flight(input.remote, largest)
         }

@@ -123,7 +123,13 @@ pub async fn settle(
     if let Some(recorded) = recorded_plan(writer, keyspace, generation).await? {
         return follow(writer, keyspace, generation, recorded).await;
     }
-    let published = match published_generation(writer, keyspace).await? {
+    // A full run by configuration has no use for what is published.
+    let published_now = if incremental {
+        published_generation(writer, keyspace).await?
+    } else {
+        None
+    };
+    let published = match published_now {
         Some(generation) => Some(Published {
             buckets: recorded_buckets(writer, keyspace, &generation).await?,
             // Unreadable counts as unrecorded: the run rebuilds rather than fail.

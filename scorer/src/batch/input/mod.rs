@@ -271,6 +271,16 @@ impl Input {
         ProjectionMask::roots(file.metadata.parquet_schema(), indices)
     }
 
+    /// The bytes of `unit`'s column chunks for `columns` (compressed, as read): what decides
+    /// whether the row group is held in memory or spooled, and how many fit in flight.
+    pub fn chunk_bytes(&self, unit: &Unit, columns: &[&str]) -> Result<u64, InputError> {
+        Ok(self
+            .chunk_ranges(unit, columns)?
+            .iter()
+            .map(|range| range.end - range.start)
+            .sum())
+    }
+
     /// Where `unit`'s column chunks for `columns` lie in its file, in file order: what
     /// [`Input::fetch`] and [`Input::spool`] read, and what a row group's digest covers.
     pub fn chunk_ranges(
