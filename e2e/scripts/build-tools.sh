@@ -69,7 +69,16 @@ build "$here/go/monitoring" "$MONITORING_DIR" "" sigs.k8s.io/controller-tools/cm
 # against (server-side dry-run), generated from the pinned API types like upstream does.
 if [ ! -s "$MONITORING_DIR/crds/monitoring.coreos.com_servicemonitors.yaml" ]; then
   log "generating the monitoring.coreos.com CRDs"
-  types=$(cd "$here/go/monitoring" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring)
+  # `go list -m` names a module's directory only once it is in the module cache, and building
+  # controller-gen does not fetch the API types: download them first (a fresh machine has
+  # nothing cached), and refuse an empty answer rather than run controller-gen elsewhere.
+  types=$(cd "$here/go/monitoring" && GOFLAGS=-mod=mod go mod download -json \
+    github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  if [ -z "$types" ] || [ ! -d "$types/v1" ]; then
+    log "could not find the monitoring.coreos.com API types in the Go module cache ('$types')"
+    exit 1
+  fi
   rm -rf "$MONITORING_DIR/crds.tmp" && mkdir -p "$MONITORING_DIR/crds.tmp"
   ( cd "$types" && "$MONITORING_DIR/controller-gen" crd:crdVersions=v1,maxDescLen=0 paths=./v1/... \
       output:crd:dir="$MONITORING_DIR/crds.tmp" )
