@@ -173,7 +173,7 @@ fn an_s3_model_is_fetched_by_an_init_container_and_a_file_model_is_mounted() {
 }
 
 #[test]
-fn a_config_change_rolls_the_pods_and_an_unrelated_change_does_not() {
+fn a_config_change_rolls_the_pods_and_an_unrelated_or_batch_only_change_does_not() {
     let checksum = |resource: &InferenceDeployment| {
         children(resource)
             .deployment
@@ -192,8 +192,19 @@ fn a_config_change_rolls_the_pods_and_an_unrelated_change_does_not() {
         &base,
         serde_json::json!({"spec": {"autoscaling": {"maxReplicas": 40}}}),
     );
+    // Only batch Jobs read the batch section: changing it must not restart serving pods.
+    let batch_only = with(
+        &base,
+        serde_json::json!({"spec": {"batch": {"rebuildAfter": "24h", "shards": 8}}}),
+    );
     assert_ne!(checksum(&base), checksum(&new_ttl));
     assert_eq!(checksum(&base), checksum(&more_replicas));
+    assert_eq!(checksum(&base), checksum(&batch_only));
+    assert_ne!(
+        children(&base).config_map.data,
+        children(&batch_only).config_map.data,
+        "the batch change still reaches the ConfigMap the Jobs read"
+    );
 }
 
 #[test]

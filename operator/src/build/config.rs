@@ -80,11 +80,21 @@ pub fn scorer_config(resource: &InferenceDeployment) -> ScorerConfig {
     }
 }
 
-/// The rendered config as the file's text, and its SHA-256 (hex) for the pod annotation that
-/// rolls scorers when it changes.
+/// The rendered config as the file's text, and the SHA-256 (hex) of what serving pods read
+/// of it, for the pod annotation that rolls them when that changes.
+///
+/// The batch section is left out of the checksum: only batch Jobs read it, and each run
+/// starts fresh pods that read the ConfigMap as it is then. Counting it would restart every
+/// (GPU) serving pod for a change that cannot affect them, such as `batch.rebuildAfter`.
 pub fn render(config: &ScorerConfig) -> Result<(String, String), BuildError> {
     let text = serde_json::to_string_pretty(config).map_err(BuildError::RenderConfig)?;
-    let checksum = hex::encode(Sha256::digest(text.as_bytes()));
+    let serving_part = ScorerConfig {
+        batch: None,
+        ..config.clone()
+    };
+    let serving_text =
+        serde_json::to_string_pretty(&serving_part).map_err(BuildError::RenderConfig)?;
+    let checksum = hex::encode(Sha256::digest(serving_text.as_bytes()));
     Ok((text, checksum))
 }
 
