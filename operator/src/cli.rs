@@ -68,6 +68,17 @@ pub struct Cli {
     )]
     redis_cleanup_timeout_seconds: u64,
 
+    /// Reconciles run at once, at most (0: no limit). A burst (a GitOps sync of hundreds of
+    /// resources, or the operator's start) otherwise starts one reconcile per resource at
+    /// once: every one holds its requests and responses in memory while the API server
+    /// answers them in turn, and an API server on small nodes times some out.
+    #[arg(
+        long,
+        env = "MILLRACE_MAX_CONCURRENT_RECONCILES",
+        default_value_t = crate::controller::DEFAULT_MAX_CONCURRENT_RECONCILES
+    )]
+    max_concurrent_reconciles: u16,
+
     /// This replica's identity in the Lease and in events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -169,11 +180,11 @@ impl Cli {
         ));
         let lost = match &election {
             Some(election) => tokio::select! {
-                () = run(ctx) => false,
+                () = run(ctx, self.max_concurrent_reconciles) => false,
                 () = election.hold() => true,
             },
             None => {
-                run(ctx).await;
+                run(ctx, self.max_concurrent_reconciles).await;
                 false
             }
         };

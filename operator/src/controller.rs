@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -119,8 +119,14 @@ fn well_formed(
 /// it starts soon after the holder is deleted.
 const PREFIX_RECHECK: Duration = Duration::from_secs(10);
 
-/// Runs the controller until a shutdown signal (SIGTERM, Ctrl-C).
-pub async fn run(ctx: Arc<Context>) {
+/// Reconciles at once by default: enough to keep a 2-core API server busy in a burst,
+/// few enough that the operator's memory does not grow with the burst (see the README's
+/// operator figures).
+pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 8;
+
+/// Runs the controller until a shutdown signal (SIGTERM, Ctrl-C), with at most
+/// `max_concurrent_reconciles` reconciles at once (0: no limit).
+pub async fn run(ctx: Arc<Context>, max_concurrent_reconciles: u16) {
     let client = ctx.client.clone();
     let ns = ctx.namespace.clone();
     let ns = ns.as_deref();
@@ -161,6 +167,7 @@ pub async fn run(ctx: Arc<Context>) {
     )
     .applied_objects();
     Controller::for_stream(resources, reader)
+        .with_config(controller::Config::default().concurrency(max_concurrent_reconciles))
         .owns_stream(metadata::<Deployment>(&client, ns, &children))
         .owns_stream(metadata::<Service>(&client, ns, &children))
         .owns_stream(metadata::<ConfigMap>(&client, ns, &children))
@@ -230,6 +237,7 @@ async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
+    let _in_flight = ctx.metrics.reconcile_started();
     let result = match &guard.0 {
         Ok(resource) => {
             let api: Api<InferenceDeployment> = Api::namespaced(

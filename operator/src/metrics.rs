@@ -34,6 +34,7 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<ReasonLabel, Counter>,
     duration: Histogram,
+    in_flight: Gauge,
     leader: Gauge,
     desired_replicas: Family<ResourceLabel, Gauge>,
     replicas: Family<ResourceLabel, Gauge>,
@@ -51,6 +52,7 @@ impl Default for Metrics {
         let duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
             0.005, 2.0, 12,
         ));
+        let in_flight = Gauge::default();
         let leader = Gauge::default();
         let desired_replicas = Family::<ResourceLabel, Gauge>::default();
         let replicas = Family::<ResourceLabel, Gauge>::default();
@@ -95,6 +97,11 @@ impl Default for Metrics {
             duration.clone(),
         );
         registry.register(
+            "reconciles_in_flight",
+            "Reconciles running now (at most --max-concurrent-reconciles)",
+            in_flight.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader lease",
             leader.clone(),
@@ -104,6 +111,7 @@ impl Default for Metrics {
             reconciles,
             failures,
             duration,
+            in_flight,
             leader,
             desired_replicas,
             replicas,
@@ -114,7 +122,23 @@ impl Default for Metrics {
     }
 }
 
+/// A reconcile counted in `reconciles_in_flight` until this is dropped, however the
+/// reconcile ends.
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Metrics {
+    /// Counts a reconcile as running until the returned guard is dropped.
+    pub fn reconcile_started(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
     /// Counts a finished reconcile and its duration.
     pub fn reconciled(&self, took: Duration) {
         self.reconciles.inc();
@@ -237,6 +261,24 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &metrics.registry).expect("encode");
         text
+    }
+
+    #[test]
+    fn a_reconcile_is_in_flight_until_its_guard_is_dropped() {
+        let metrics = Metrics::default();
+        let gauge = |metrics: &Metrics| {
+            exposition(metrics)
+                .lines()
+                .find_map(|l| l.strip_prefix("millrace_operator_reconciles_in_flight "))
+                .map(str::to_string)
+        };
+        let first = metrics.reconcile_started();
+        let second = metrics.reconcile_started();
+        assert_eq!(gauge(&metrics).as_deref(), Some("2"));
+        drop(first);
+        assert_eq!(gauge(&metrics).as_deref(), Some("1"));
+        drop(second);
+        assert_eq!(gauge(&metrics).as_deref(), Some("0"));
     }
 
     #[test]

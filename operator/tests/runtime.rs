@@ -1,5 +1,6 @@
-//! The operator as a process: its admin endpoints and metrics, graceful shutdown that hands
-//! the lease over at once, and the printer columns `kubectl get` shows.
+//! The operator as a process: its admin endpoints and metrics, the bound on reconciles at
+//! once, graceful shutdown that hands the lease over at once, and the printer columns
+//! `kubectl get` shows.
 //!
 //! Needs `e2e/cluster up` (see the README's test command).
 
@@ -116,6 +117,70 @@ async fn the_admin_endpoints_report_health_and_reconcile_metrics() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_of_resources_runs_no_more_reconciles_at_once_than_allowed() {
+    with_temp_ns("burst", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let redis = RedisServer::start();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let limit = 2.0;
+        let _operator = OperatorProcess::start_with(
+            &ns,
+            "solo",
+            &["--admin-addr", &addr, "--max-concurrent-reconciles", "2"],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(port, "/readyz").map(|(code, _)| code) != Some(200) {
+            assert!(Instant::now() < deadline, "/readyz never became 200");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Sample the in-flight gauge as fast as the admin server answers, for the whole burst.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut most: f64 = 0.0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some((_, metrics)) = http_get(port, "/metrics")
+                        && let Some(n) = sample(&metrics, "millrace_operator_reconciles_in_flight")
+                    {
+                        most = most.max(n);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                most
+            })
+        };
+        // Twelve resources at once, as a GitOps sync applies them.
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        let names: Vec<String> = (0..12).map(|i| format!("burst-{i}")).collect();
+        let applies = names.iter().map(|name| {
+            let mut resource = example(&redis.url(), json!({}));
+            resource.metadata.name = Some(name.clone());
+            let api = api.clone();
+            async move { support::user_apply(&api, &resource).await }
+        });
+        futures::future::join_all(applies).await;
+        for name in &names {
+            millrace_e2e::wait_ready(&api, name)
+                .await
+                .expect("every resource of the burst becomes Ready");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let most = sampler.join().expect("sampler");
+        assert!(
+            most <= limit,
+            "{most} reconciles ran at once with --max-concurrent-reconciles 2"
+        );
+        assert_eq!(
+            most, limit,
+            "the burst never kept two reconciles busy: the sampling proves nothing"
+        );
     })
     .await;
 }
