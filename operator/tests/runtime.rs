@@ -35,19 +35,30 @@ fn sample(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Starts an operator in `ns` with `extra` flags and its admin server on a free port, and
+/// waits until `/readyz` answers 200; returns it and the port.
+async fn start_ready(ns: &str, extra: &[&str]) -> (OperatorProcess, u16) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args: Vec<&str> = ["--admin-addr", addr.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let operator = OperatorProcess::start_with(ns, "solo", &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/readyz").map(|(code, _)| code) != Some(200) {
+        assert!(Instant::now() < deadline, "/readyz never became 200");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (operator, port)
+}
+
 #[tokio::test]
 async fn the_admin_endpoints_report_health_and_reconcile_metrics() {
     with_temp_ns("admin", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
         let redis = RedisServer::start();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let _operator = OperatorProcess::start_with(&ns, "solo", &["--admin-addr", &addr]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(port, "/readyz").map(|(code, _)| code) != Some(200) {
-            assert!(Instant::now() < deadline, "/readyz never became 200");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (_operator, port) = start_ready(&ns, &[]).await;
         assert_eq!(http_get(port, "/livez").map(|(code, _)| code), Some(200));
 
         create_and_wait_ready(&client, &ns, &redis).await;
@@ -126,19 +137,8 @@ async fn a_burst_of_resources_runs_no_more_reconciles_at_once_than_allowed() {
     with_temp_ns("burst", |client, ns| async move {
         install_crd(&client).await.expect("CRD");
         let redis = RedisServer::start();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
         let limit = 2.0;
-        let _operator = OperatorProcess::start_with(
-            &ns,
-            "solo",
-            &["--admin-addr", &addr, "--max-concurrent-reconciles", "2"],
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(port, "/readyz").map(|(code, _)| code) != Some(200) {
-            assert!(Instant::now() < deadline, "/readyz never became 200");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (_operator, port) = start_ready(&ns, &["--max-concurrent-reconciles", "2"]).await;
         // Sample the in-flight gauge as fast as the admin server answers, for the whole burst.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
