@@ -322,6 +322,13 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
     let children = build(resource, &ctx.options)?;
     let applied = match apply(&ctx.client, resource, &children).await {
         Ok(applied) => applied,
+        // The namespace is being deleted: its children go, and so will the resource (its
+        // deletion brings the cleanup). Recreating them cannot succeed, and retrying would
+        // mark the resource Degraded and log a warning a second for nothing.
+        Err(error) if error.is_namespace_terminating() => {
+            debug!(%error, "the namespace is being deleted; not recreating children");
+            return Ok(Action::await_change());
+        }
         Err(error) => {
             let text = error.to_string();
             update_status(
@@ -759,6 +766,11 @@ pub(crate) async fn event(
         .publish(&event, &resource.object_ref(&()))
         .await
     {
-        warn!(%error, reason, "could not publish an event");
+        // Events are best effort; in a namespace being deleted they are refused, expectedly.
+        if crate::error::refused_for_terminating_namespace(&error) {
+            debug!(%error, reason, "could not publish an event in a namespace being deleted");
+        } else {
+            warn!(%error, reason, "could not publish an event");
+        }
     }
 }

@@ -31,6 +31,23 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
+/// The cause the API server gives a write refused in a namespace being deleted
+/// (`metav1.NamespaceTerminatingCause`).
+const NAMESPACE_TERMINATING_CAUSE: &str = "NamespaceTerminating";
+
+/// Whether `error` is the API server refusing a write in a namespace being deleted.
+pub fn refused_for_terminating_namespace(error: &kube::Error) -> bool {
+    let kube::Error::Api(status) = error else {
+        return false;
+    };
+    status.details.as_ref().is_some_and(|details| {
+        details
+            .causes
+            .iter()
+            .any(|cause| cause.reason == NAMESPACE_TERMINATING_CAUSE)
+    })
+}
+
 impl Error {
     /// A static label for metrics and event reasons: never built from object names or
     /// Debug strings, so the label set stays bounded.
@@ -49,9 +66,48 @@ impl Error {
         }
     }
 
+    /// Whether the API server refused a write because the namespace is being deleted (the
+    /// NamespaceLifecycle admission plugin's `NamespaceTerminating` cause). Retrying cannot
+    /// help: the namespace's deletion reaches the resource itself soon after.
+    pub fn is_namespace_terminating(&self) -> bool {
+        matches!(self, Error::Kube { source, .. } if refused_for_terminating_namespace(source))
+    }
+
     /// Wraps a kube error with what the operator was doing.
     pub fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
         let action = action.into();
         move |source| Error::Kube { action, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(body: serde_json::Value) -> Error {
+        let status: kube::core::Status = serde_json::from_value(body).expect("a Status");
+        Error::kube("applying ConfigMap churn-config")(kube::Error::Api(Box::new(status)))
+    }
+
+    #[test]
+    fn only_a_refusal_for_a_namespace_being_deleted_counts_as_terminating() {
+        // As the NamespaceLifecycle admission plugin answers.
+        let terminating = refused(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden",
+            "message": "configmaps \"churn-config\" is forbidden: unable to create new content in namespace ml because it is being terminated",
+            "details": {"name": "churn-config", "kind": "configmaps", "causes": [
+                {"reason": "NamespaceTerminating", "message": "namespace ml is being terminated", "field": "metadata.namespace"}
+            ]}
+        }));
+        assert!(terminating.is_namespace_terminating());
+        // Another 403 (RBAC), and a failure that is not the API server's answer at all.
+        let rbac = refused(serde_json::json!({
+            "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "configmaps is forbidden: User cannot patch resource",
+            "details": {"kind": "configmaps"}
+        }));
+        assert!(!rbac.is_namespace_terminating());
+        assert!(!Error::RedisUrl("no Secret".into()).is_namespace_terminating());
     }
 }

@@ -451,3 +451,87 @@ async fn hpa_mode_hands_replicas_to_a_horizontal_pod_autoscaler_and_back() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_refusal_of_a_write_in_a_namespace_being_deleted_is_recognised() {
+    with_temp_ns("terminating", |client, ns| async move {
+        // A ConfigMap whose finalizer nobody removes keeps the namespace Terminating.
+        let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        let config_map = |name: &str, finalizers: Option<Vec<String>>| ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                finalizers,
+                ..Default::default()
+            },
+            ..ConfigMap::default()
+        };
+        let hold = Some(vec!["e2e.millrace.dev/hold".to_string()]);
+        maps.create(&PostParams::default(), &config_map("held", hold))
+            .await
+            .expect("create the held ConfigMap");
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        namespaces
+            .delete(&ns, &DeleteParams::default())
+            .await
+            .expect("delete the namespace");
+        // The operator's own write, as it applies a child.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let refused = loop {
+            let applied = maps
+                .patch(
+                    "churn-config",
+                    &PatchParams::apply("millrace-operator").force(),
+                    &Patch::Apply(&config_map("churn-config", None)),
+                )
+                .await
+                .map_err(millrace_operator::error::Error::kube(
+                    "applying ConfigMap churn-config",
+                ));
+            match applied {
+                Err(error) => break error,
+                Ok(_) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the API server never refused new content"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert!(refused.is_namespace_terminating(), "{refused}");
+        // An event, as the operator publishes them: refused the same way (logged quietly).
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+        let event = k8s_openapi::api::events::v1::Event {
+            metadata: kube::api::ObjectMeta {
+                name: Some("churn.1".into()),
+                ..Default::default()
+            },
+            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                jiff::Timestamp::now(),
+            )),
+            reporting_controller: Some("millrace.dev/operator".into()),
+            reporting_instance: Some("e2e".into()),
+            action: Some("Apply".into()),
+            reason: Some("Applied".into()),
+            type_: Some("Normal".into()),
+            ..Default::default()
+        };
+        let error = events
+            .create(&PostParams::default(), &event)
+            .await
+            .expect_err("no new events in a namespace being deleted");
+        assert!(
+            millrace_operator::error::refused_for_terminating_namespace(&error),
+            "{error}"
+        );
+        // Let the namespace go.
+        maps.patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("release the held ConfigMap");
+    })
+    .await;
+}
