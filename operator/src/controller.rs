@@ -276,6 +276,12 @@ fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
+    // Any write refused because the namespace is being deleted (a scale, a run-batch Job):
+    // the resource's own deletion follows, and retrying cannot succeed before it.
+    if error.is_namespace_terminating() {
+        debug!(%error, "the namespace is being deleted; waiting for the resource's deletion");
+        return Action::await_change();
+    }
     ctx.metrics.failed(error.metric_label());
     if matches!(error, Error::Malformed(_)) {
         return Action::await_change();

@@ -70,7 +70,19 @@ impl Error {
     /// NamespaceLifecycle admission plugin's `NamespaceTerminating` cause). Retrying cannot
     /// help: the namespace's deletion reaches the resource itself soon after.
     pub fn is_namespace_terminating(&self) -> bool {
-        matches!(self, Error::Kube { source, .. } if refused_for_terminating_namespace(source))
+        match self {
+            Error::Kube { source, .. } => refused_for_terminating_namespace(source),
+            // Only the Apply side: a cleanup is always retried, since the namespace cannot
+            // go until it releases the finalizer.
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e) => e.is_namespace_terminating(),
+                kube::runtime::finalizer::Error::AddFinalizer(e) => {
+                    refused_for_terminating_namespace(e)
+                }
+                _ => false,
+            },
+            _ => false,
+        }
     }
 
     /// Wraps a kube error with what the operator was doing.
@@ -92,15 +104,24 @@ mod tests {
     #[test]
     fn only_a_refusal_for_a_namespace_being_deleted_counts_as_terminating() {
         // As the NamespaceLifecycle admission plugin answers.
-        let terminating = refused(serde_json::json!({
-            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
-            "reason": "Forbidden",
-            "message": "configmaps \"churn-config\" is forbidden: unable to create new content in namespace ml because it is being terminated",
-            "details": {"name": "churn-config", "kind": "configmaps", "causes": [
-                {"reason": "NamespaceTerminating", "message": "namespace ml is being terminated", "field": "metadata.namespace"}
-            ]}
-        }));
-        assert!(terminating.is_namespace_terminating());
+        let terminating = || {
+            refused(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                "reason": "Forbidden",
+                "message": "configmaps \"churn-config\" is forbidden: unable to create new content in namespace ml because it is being terminated",
+                "details": {"name": "churn-config", "kind": "configmaps", "causes": [
+                    {"reason": "NamespaceTerminating", "message": "namespace ml is being terminated", "field": "metadata.namespace"}
+                ]}
+            }))
+        };
+        assert!(terminating().is_namespace_terminating());
+        // As the controller's error policy sees it: under the finalizer's Apply step. A
+        // cleanup is retried whatever refused it: the namespace waits for its finalizer.
+        use kube::runtime::finalizer::Error as Step;
+        let apply = Error::Finalizer(Box::new(Step::ApplyFailed(terminating())));
+        assert!(apply.is_namespace_terminating());
+        let cleanup = Error::Finalizer(Box::new(Step::CleanupFailed(terminating())));
+        assert!(!cleanup.is_namespace_terminating());
         // Another 403 (RBAC), and a failure that is not the API server's answer at all.
         let rbac = refused(serde_json::json!({
             "status": "Failure", "code": 403, "reason": "Forbidden",
