@@ -276,8 +276,9 @@ fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    // Any write refused because the namespace is being deleted (a scale, a run-batch Job):
-    // the resource's own deletion follows, and retrying cannot succeed before it.
+    // Any write refused because the namespace is being deleted (applying children, a scale,
+    // a run-batch Job): the resource's own deletion follows, and retrying cannot succeed
+    // before it.
     if error.is_namespace_terminating() {
         debug!(%error, "the namespace is being deleted; waiting for the resource's deletion");
         return Action::await_change();
@@ -329,12 +330,9 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
     let applied = match apply(&ctx.client, resource, &children).await {
         Ok(applied) => applied,
         // The namespace is being deleted: its children go, and so will the resource (its
-        // deletion brings the cleanup). Recreating them cannot succeed, and retrying would
-        // mark the resource Degraded and log a warning a second for nothing.
-        Err(error) if error.is_namespace_terminating() => {
-            debug!(%error, "the namespace is being deleted; not recreating children");
-            return Ok(Action::await_change());
-        }
+        // deletion brings the cleanup). Not the resource's fault, so not reported Degraded;
+        // the error policy waits for the deletion instead of retrying.
+        Err(error) if error.is_namespace_terminating() => return Err(error),
         Err(error) => {
             let text = error.to_string();
             update_status(
