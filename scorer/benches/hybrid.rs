@@ -6,8 +6,9 @@
 //!
 //! `make bench` runs it. Environment knobs: `MILLRACE_BENCH_SECONDS` (per load run, default
 //! 10), `MILLRACE_BENCH_ENTITIES` (default 1000000), `MILLRACE_BENCH_BATCH_ROUNDS` (rounds
-//! of Millrace's batch job, each a full run and an incremental one on top of it, default 3:
-//! medians are reported, since single runs on these machines vary by a fifth),
+//! of Millrace's batch job, each a full run, an incremental one on top of it and a full run
+//! of the incremental run's changed rows alone, default 3: medians are reported, since
+//! single runs on these machines vary by a fifth),
 //! `MILLRACE_BENCH_BATCH_ONLY` (stop after the batch section), `MILLRACE_BENCH_BASELINE` (the
 //! baseline's directory).
 
@@ -242,6 +243,8 @@ struct Round {
     inc_rss: u64,
     /// The incremental run's log (its counts).
     log: String,
+    /// A full run of the incremental run's changed rows alone, if the section has one.
+    changed_only_time: Option<Duration>,
 }
 
 /// A batch section's runs: the full run's and the incremental run's configs, and the key
@@ -249,6 +252,9 @@ struct Round {
 struct BatchRun<'a> {
     full: &'a Path,
     incremental: &'a Path,
+    /// A full run of only the rows the incremental run finds changed (its own key prefix):
+    /// what scoring and writing them costs with no other row to read or decide.
+    changed_only: Option<&'a Path>,
     pointer: &'a str,
     url: &'a str,
 }
@@ -280,6 +286,9 @@ impl BatchRun<'_> {
             &format!("{generation}-incremental"),
             "info",
         );
+        let changed_only_time = self
+            .changed_only
+            .map(|config| run(config, generation, "warn").0);
         Round {
             full_time,
             full_rss,
@@ -287,6 +296,7 @@ impl BatchRun<'_> {
             inc_time,
             inc_rss,
             log,
+            changed_only_time,
         }
     }
 }
@@ -462,6 +472,24 @@ pq.write_table(pq.read_table(sys.argv[1]), sys.argv[2], row_group_size=1 << 20)
     out
 }
 
+/// Only the rows [`changed_copy`] changes, as it changes them (the same rows, in order):
+/// what an incremental run must score and write.
+fn changed_only_copy(data: &Path) -> PathBuf {
+    let out = data.join("features-10pct-changed-only.parquet");
+    let script = r#"
+import sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1]); n = t.num_rows
+rows = np.sort(np.random.default_rng(3).choice(n, n // 10, replace=False))
+t = t.take(pa.array(rows))
+for j in range(32):
+    name = f"f{j}"; col = t.column(name).to_numpy().copy(); col += 0.5
+    t = t.set_column(t.schema.get_field_index(name), name, pa.array(col))
+pq.write_table(t, sys.argv[2], row_group_size=65536)
+"#;
+    derived_tables(data, "the changed rows' table", script, &[&out], &out);
+    out
+}
+
 /// The feature table with 10% of its rows' features changed.
 fn changed_copy(data: &Path) -> PathBuf {
     let out = data.join("features-10pct-changed.parquet");
@@ -604,9 +632,16 @@ fn main() {
         .expect("redis");
     // Every round's generation stays in Redis (the last one is what the serve section reads).
     let pointer = cfg.keyspace().serving_pointer();
+    let mut changed_only = cfg.clone();
+    changed_only.key_prefix = "bench/changed-only".into();
+    if let Some(offline) = changed_only.features.offline.as_mut() {
+        offline.uri = format!("file://{}", changed_only_copy(&data).display());
+    }
+    let changed_only_config = write_config(work.path(), "changed-only.json", &changed_only);
     let batch = BatchRun {
         full: &config,
         incremental: &inc_config,
+        changed_only: Some(&changed_only_config),
         pointer: &pointer,
         url: &url,
     };
@@ -680,6 +715,23 @@ fn main() {
         ratios.iter().copied().fold(0.0, f64::max),
         rounds.iter().map(|r| r.inc_rss).max().unwrap_or(0),
     );
+    // Where the incremental run's time goes: its changed rows alone, run in full, against
+    // what the target leaves for reading the table and deciding every other row.
+    let changed_alone = median(
+        rounds
+            .iter()
+            .filter_map(|r| r.changed_only_time)
+            .map(|t| t.as_secs_f64()),
+    );
+    let rest = median(
+        rounds
+            .iter()
+            .filter_map(|r| Some(r.inc_time.as_secs_f64() - r.changed_only_time?.as_secs_f64())),
+    );
+    println!(
+        "  the changed rows alone, scored and written by a full run of their own: median {changed_alone:.2} s; 5x the full run leaves {:.2} s for reading the table and deciding the unchanged rows, which took {rest:.2} s (median)",
+        our_seconds / 5.0 - changed_alone
+    );
 
     // A table that changes by partition: one of four files rewritten. Its own key prefix, so
     // the serve section still reads the rounds' generation.
@@ -701,6 +753,7 @@ fn main() {
     let batch = BatchRun {
         full: &part_config,
         incremental: &part_inc_config,
+        changed_only: None,
         pointer: &pointer,
         url: &url,
     };
