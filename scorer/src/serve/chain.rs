@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use millrace_crds::keys::{CachedPrediction, now_ms};
 use millrace_crds::spec::MissingFeaturePolicy;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::activity::ActivitySampler;
@@ -146,6 +147,8 @@ pub struct Scorer {
     engine: Engine,
     flights: SingleFlight<Result<Computed, Degradation>>,
     metrics: Arc<Metrics>,
+    /// Per model input, in order: how often it was filled for lack of a value.
+    missing_by_input: Vec<Counter>,
     traffic: Arc<TrafficCounter>,
     activity: Arc<ActivitySampler>,
 }
@@ -161,6 +164,7 @@ impl Scorer {
         activity: Arc<ActivitySampler>,
     ) -> Self {
         let memory = MemoryTier::new(settings.memory_entries, settings.memory_ttl);
+        let missing_by_input = metrics.missing_feature_counters(settings.features.inputs());
         Self {
             settings,
             memory,
@@ -168,6 +172,7 @@ impl Scorer {
             engine,
             flights: SingleFlight::default(),
             metrics,
+            missing_by_input,
             traffic,
             activity,
         }
@@ -381,8 +386,8 @@ impl Scorer {
         };
         let assembled = plan.assemble(supplied, &online, jiff::Timestamp::now());
         for &index in &assembled.missing {
-            if let Some(name) = plan.inputs().get(index) {
-                self.metrics.missing_feature(name);
+            if let Some(counter) = self.missing_by_input.get(index) {
+                counter.inc();
             }
         }
         if !assembled.missing.is_empty() && plan.policy() == MissingFeaturePolicy::Fallback {

@@ -253,13 +253,22 @@ impl Metrics {
         self.stale.inc();
     }
 
-    /// An input filled for lack of a value.
-    pub fn missing_feature(&self, feature: &str) {
-        self.missing_features
-            .get_or_create(&FeatureLabel {
-                feature: feature.to_string(),
+    /// The counters of inputs filled for lack of a value, one per input in `inputs`' order,
+    /// for the scorer to keep: a miss with every feature absent counts one per input, and
+    /// looking each series up by name per count (a string allocated, a lock taken) was 2.5%
+    /// of the scorer's CPU under such misses. Created now, so every input's series is
+    /// exported from zero.
+    pub fn missing_feature_counters(&self, inputs: &[String]) -> Vec<Counter> {
+        inputs
+            .iter()
+            .map(|feature| {
+                self.missing_features
+                    .get_or_create(&FeatureLabel {
+                        feature: feature.clone(),
+                    })
+                    .clone()
             })
-            .inc();
+            .collect()
     }
 
     /// An undecodable cached value.
@@ -312,7 +321,7 @@ mod tests {
         metrics.redis_error("lookup");
         metrics.default_served("latency_budget");
         metrics.stale_served();
-        metrics.missing_feature("tenure");
+        metrics.missing_feature_counters(&["tenure".into()])[0].inc();
         metrics.corrupt_value();
         metrics.rejected("bad_id");
         metrics.model_loaded("3", "cpu");
