@@ -107,7 +107,9 @@ pub struct MicroBatchSpec {
     #[schemars(range(min = 1, max = 4096))]
     pub max_batch_size: i32,
 
-    /// Longest a request waits for others to share its run. Default: 2ms.
+    /// Longest a request waits for others to share its run. It waits only while other
+    /// misses are on their way to the model (fetching their features), so a lone miss runs
+    /// at once. Default: 2ms.
     #[serde(default = "default_max_delay")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) <= duration('1s')").message("maxDelay must be at most 1s"))]

@@ -2,12 +2,17 @@
 //!
 //! One inference thread owns the model. It takes the first waiting job, then gathers more
 //! until the batch holds `max_rows` rows or the first job has waited `max_delay` (Triton's
-//! "max queue delay"): under load batches fill from the queue at no extra latency; a lone
-//! request waits at most `max_delay`. Jobs whose caller gave up are skipped, not computed.
+//! "max queue delay"), but waits only while company is on its way: requests announce
+//! themselves ([`MicroBatcher::expect`]) when they start fetching features, and once the
+//! queue is empty with none announced the batch runs at once. Under load batches fill from
+//! the queue and from requests a moment behind; a lone request does not wait at all (with a
+//! fixed wait, a miss at 32 concurrent requests spent 2 ms of its 3.3 ms there).
+//! Jobs whose caller gave up are skipped, not computed.
 //! The queue is bounded: when it is full the caller is told at once (`Overloaded`) and falls
 //! down the chain instead of queueing past its latency budget.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -47,6 +52,18 @@ struct Job {
 pub struct MicroBatcher {
     queue: SyncSender<Job>,
     features: usize,
+    /// Requests announced ([`MicroBatcher::expect`]) and not yet queued.
+    coming: Arc<AtomicUsize>,
+}
+
+/// A request on its way to the batcher (fetching its features): while one is, a batch
+/// waits for it (up to `max_delay`). Dropped when the request queues its job, or gives up.
+pub struct Coming(Arc<AtomicUsize>);
+
+impl Drop for Coming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How the batcher batches.
@@ -69,10 +86,40 @@ impl MicroBatcher {
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (queue, jobs) = std::sync::mpsc::sync_channel(policy.queue.max(1));
         let features = model.features();
+        let coming = Arc::new(AtomicUsize::new(0));
+        let waited_for = Arc::clone(&coming);
         let thread = std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || run(&model, &jobs, policy, &metrics))?;
-        Ok((Self { queue, features }, thread))
+            .spawn(move || run(&model, &jobs, policy, &waited_for, &metrics))?;
+        Ok((
+            Self {
+                queue,
+                features,
+                coming,
+            },
+            thread,
+        ))
+    }
+
+    /// Announces a request that will queue a job soon: batches wait for it.
+    pub fn expect(&self) -> Coming {
+        self.coming.fetch_add(1, Ordering::AcqRel);
+        Coming(Arc::clone(&self.coming))
+    }
+
+    /// [`MicroBatcher::infer`] for a request announced as `coming`: it stops being waited
+    /// for as its job is queued.
+    pub async fn infer_expected(
+        &self,
+        coming: Coming,
+        rows: Vec<f32>,
+        deadline: Instant,
+    ) -> Result<Vec<f32>, InferError> {
+        // Dropped just before queueing: a batch that sees neither it nor the job runs a
+        // moment early, and the job starts the next one; never the other way round, where
+        // a batch would wait out `max_delay` for a job already queued.
+        drop(coming);
+        self.infer(rows, deadline).await
     }
 
     /// Scores `rows` (whole rows, row-major) before `deadline`.
@@ -104,7 +151,13 @@ impl MicroBatcher {
     }
 }
 
-fn run(model: &Model, jobs: &Receiver<Job>, policy: BatchPolicy, metrics: &Metrics) {
+fn run(
+    model: &Model,
+    jobs: &Receiver<Job>,
+    policy: BatchPolicy,
+    coming: &AtomicUsize,
+    metrics: &Metrics,
+) {
     let features = model.features();
     let mut carried: Option<Job> = None;
     loop {
@@ -124,7 +177,7 @@ fn run(model: &Model, jobs: &Receiver<Job>, policy: BatchPolicy, metrics: &Metri
                 Err(TryRecvError::Disconnected) => None,
                 Err(TryRecvError::Empty) => {
                     let now = Instant::now();
-                    if now >= flush_at {
+                    if now >= flush_at || coming.load(Ordering::Acquire) == 0 {
                         None
                     } else {
                         jobs.recv_timeout(flush_at - now).ok()

@@ -363,6 +363,7 @@ impl Scorer {
                 return self.compute_remotely(remote, id, supplied, deadline).await;
             }
         };
+        let coming = batcher.expect();
         let plan = &self.settings.features;
         let mut store_failed = false;
         let online = match plan.online_key(id) {
@@ -397,7 +398,7 @@ impl Scorer {
             return Err(Degradation::LatencyBudget);
         }
         let values = batcher
-            .infer(assembled.row, deadline)
+            .infer_expected(coming, assembled.row, deadline)
             .await
             .map_err(|e| match e {
                 InferError::Overloaded => Degradation::Overloaded,

@@ -20,10 +20,26 @@ pub fn root() -> PathBuf {
 /// Makes `dir/model.onnx` (`features` inputs) with `rows` sample rows and ONNX Runtime
 /// Python's outputs for them.
 pub fn make_model(dir: &Path, features: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
+    run_make_model(dir, features, rows, &[])
+}
+
+/// Makes `dir/model.onnx` (`features` inputs) that takes about 180 ms an inference here (256
+/// products with a 16 MB matrix), for tests of what happens past a latency budget.
+pub fn make_slow_model(dir: &Path, features: usize) {
+    run_make_model(dir, features, 1, &["slow"]);
+}
+
+fn run_make_model(
+    dir: &Path,
+    features: usize,
+    rows: usize,
+    extra: &[&str],
+) -> (Vec<f32>, Vec<f32>) {
     let status = Command::new(root().join(".venv/bin/python"))
         .arg(root().join("scorer/tests/support/make_model.py"))
         .arg(dir)
         .args([features.to_string(), rows.to_string()])
+        .args(extra)
         .status()
         .expect("the project venv (scripts/setup.sh)");
     assert!(status.success(), "make_model.py failed");
