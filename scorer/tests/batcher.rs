@@ -1,6 +1,7 @@
 //! The micro-batcher on a real model with the real ONNX Runtime library: a batch waits for
-//! requests announced as on their way (and shares its run with them), and a lone job with
-//! nobody announced runs at once rather than waiting out `max_delay`.
+//! requests announced as on their way (and shares its run with them), stops waiting for one
+//! dropped without a job, and a lone job with nobody announced runs at once rather than
+//! waiting out `max_delay`.
 //!
 //! Needs ORT_DYLIB_PATH (`eval "$(scripts/env.sh)"`, as `make test` does) and the project
 //! venv (`scripts/setup.sh`).
@@ -96,4 +97,28 @@ async fn a_batch_waits_for_announced_requests_and_for_nobody_else() {
     );
     assert_eq!(third, model.predict(&row_c).expect("C alone"));
     assert_eq!(runs(&metrics), 2.0);
+
+    // An announced request answered without the model (a cache hit) stops being waited for
+    // when it is dropped: the batch waiting only for it runs then, not after max_delay.
+    let coming = batcher.expect();
+    let waiting = {
+        let (batcher, row) = (batcher.clone(), row_a.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = batcher.infer(row, deadline).await;
+            (answer, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(coming);
+    let (answer, waited) = waiting.await.expect("join");
+    assert_eq!(
+        answer.expect("A again"),
+        model.predict(&row_a).expect("A alone")
+    );
+    assert!(
+        (Duration::from_millis(250)..Duration::from_millis(1500)).contains(&waited),
+        "A ran after {waited:?}; its batch should have waited for the announced request and run once it was dropped"
+    );
+    assert_eq!(runs(&metrics), 3.0);
 }

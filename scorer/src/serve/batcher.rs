@@ -3,7 +3,8 @@
 //! One inference thread owns the model. It takes the first waiting job, then gathers more
 //! until the batch holds `max_rows` rows or the first job has waited `max_delay` (Triton's
 //! "max queue delay"), but waits only while company is on its way: requests announce
-//! themselves ([`MicroBatcher::expect`]) when they start fetching features, and once the
+//! themselves ([`MicroBatcher::expect`]) when they start fetching features (a batch request
+//! announces all its ids before their lookups, so its misses share runs), and once the
 //! queue is empty with none announced the batch runs at once. Under load batches fill from
 //! the queue and from requests a moment behind; a lone request does not wait at all (with a
 //! fixed wait, a miss at 32 concurrent requests spent 2 ms of its 3.3 ms there).
@@ -50,19 +51,44 @@ struct Job {
 /// The handle requests submit rows through.
 #[derive(Clone)]
 pub struct MicroBatcher {
-    queue: SyncSender<Job>,
+    queue: SyncSender<Message>,
     features: usize,
     /// Requests announced ([`MicroBatcher::expect`]) and not yet queued.
     coming: Arc<AtomicUsize>,
 }
 
-/// A request on its way to the batcher (fetching its features): while one is, a batch
-/// waits for it (up to `max_delay`). Dropped when the request queues its job, or gives up.
-pub struct Coming(Arc<AtomicUsize>);
+/// What the inference thread receives.
+enum Message {
+    /// A job to run.
+    Job(Job),
+    /// An announced request gave up without a job: look again whether anyone is coming.
+    Wake,
+}
+
+/// A request on its way to the batcher (fetching its features, or a batch request's ids
+/// being looked up): while one is, a batch waits for it (up to `max_delay`). It stops being
+/// waited for when its job is queued, or when it is dropped without one (the request was
+/// answered from cache, or gave up), which wakes a batch that waited only for it.
+pub struct Coming {
+    count: Arc<AtomicUsize>,
+    wake: SyncSender<Message>,
+    arrived: bool,
+}
+
+impl Coming {
+    /// Its job is about to be queued, which wakes the batcher itself.
+    fn arrive(mut self) {
+        self.arrived = true;
+    }
+}
 
 impl Drop for Coming {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let before = self.count.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 && !self.arrived {
+            // A full queue has jobs to run: nothing waits then.
+            let _ = self.wake.try_send(Message::Wake);
+        }
     }
 }
 
@@ -101,10 +127,14 @@ impl MicroBatcher {
         ))
     }
 
-    /// Announces a request that will queue a job soon: batches wait for it.
+    /// Announces a request that may queue a job soon: batches wait for it.
     pub fn expect(&self) -> Coming {
         self.coming.fetch_add(1, Ordering::AcqRel);
-        Coming(Arc::clone(&self.coming))
+        Coming {
+            count: Arc::clone(&self.coming),
+            wake: self.queue.clone(),
+            arrived: false,
+        }
     }
 
     /// [`MicroBatcher::infer`] for a request announced as `coming`: it stops being waited
@@ -115,10 +145,10 @@ impl MicroBatcher {
         rows: Vec<f32>,
         deadline: Instant,
     ) -> Result<Vec<f32>, InferError> {
-        // Dropped just before queueing: a batch that sees neither it nor the job runs a
+        // Counted out just before queueing: a batch that sees neither it nor the job runs a
         // moment early, and the job starts the next one; never the other way round, where
         // a batch would wait out `max_delay` for a job already queued.
-        drop(coming);
+        coming.arrive();
         self.infer(rows, deadline).await
     }
 
@@ -138,7 +168,7 @@ impl MicroBatcher {
             deadline,
             reply,
         };
-        match self.queue.try_send(job) {
+        match self.queue.try_send(Message::Job(job)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(InferError::Overloaded),
             Err(TrySendError::Disconnected(_)) => return Err(InferError::Stopped),
@@ -153,7 +183,7 @@ impl MicroBatcher {
 
 fn run(
     model: &Model,
-    jobs: &Receiver<Job>,
+    jobs: &Receiver<Message>,
     policy: BatchPolicy,
     coming: &AtomicUsize,
     metrics: &Metrics,
@@ -163,17 +193,17 @@ fn run(
     loop {
         let first = match carried.take() {
             Some(job) => job,
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => break,
+            None => match next_job(jobs) {
+                Some(job) => job,
+                None => break,
             },
         };
         let flush_at = first.enqueued + policy.max_delay;
         let mut rows = first.rows.len() / features;
         let mut batch = vec![first];
         while rows < policy.max_rows {
-            let next = match jobs.try_recv() {
-                Ok(job) => Some(job),
+            let received = match jobs.try_recv() {
+                Ok(message) => Some(message),
                 Err(TryRecvError::Disconnected) => None,
                 Err(TryRecvError::Empty) => {
                     let now = Instant::now();
@@ -184,7 +214,12 @@ fn run(
                     }
                 }
             };
-            let Some(job) = next else { break };
+            let job = match received {
+                Some(Message::Job(job)) => job,
+                // Someone stopped coming: look again.
+                Some(Message::Wake) => continue,
+                None => break,
+            };
             let job_rows = job.rows.len() / features;
             if rows + job_rows > policy.max_rows {
                 carried = Some(job);
@@ -196,6 +231,17 @@ fn run(
         run_batch(model, batch, metrics);
     }
     info!("inference thread stopped");
+}
+
+/// The next job, waiting for one (wake-ups with no batch open are ignored); `None` once
+/// every handle is gone.
+fn next_job(jobs: &Receiver<Message>) -> Option<Job> {
+    loop {
+        match jobs.recv().ok()? {
+            Message::Job(job) => return Some(job),
+            Message::Wake => continue,
+        }
+    }
 }
 
 fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {

@@ -28,7 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::activity::ActivitySampler;
-use super::batcher::{InferError, MicroBatcher};
+use super::batcher::{Coming, InferError, MicroBatcher};
 use super::memory::{MemoryTier, Origin, Remembered};
 use super::metrics::Metrics;
 use super::remote::{RemoteCompute, RemoteError};
@@ -199,10 +199,31 @@ impl Scorer {
         id: &str,
         supplied: &HashMap<String, f32>,
     ) -> Result<Answer, Unanswered> {
+        self.predict_announced(id, supplied, None).await
+    }
+
+    /// Announces a prediction that may need the model, before its lookups: a batch request
+    /// announces all its ids at once, so the micro-batcher waits for each of them (or for
+    /// its lookup to answer it) instead of running the first misses alone. `None` where
+    /// the model is remote.
+    pub fn announce(&self) -> Option<Coming> {
+        match &self.engine {
+            Engine::Local(batcher) => Some(batcher.expect()),
+            Engine::Remote(_) => None,
+        }
+    }
+
+    /// [`Scorer::predict`] for a prediction announced as `coming` ([`Scorer::announce`]).
+    pub async fn predict_announced(
+        &self,
+        id: &str,
+        supplied: &HashMap<String, f32>,
+        coming: Option<Coming>,
+    ) -> Result<Answer, Unanswered> {
         let started = Instant::now();
         let deadline = started + self.settings.latency_budget;
         self.activity.record(id);
-        let result = self.chain(id, supplied, deadline).await;
+        let result = self.chain(id, supplied, deadline, coming).await;
         let source = match &result {
             Ok(answer) => answer.source.as_str(),
             Err(_) => "none",
@@ -223,6 +244,7 @@ impl Scorer {
         id: &str,
         supplied: &HashMap<String, f32>,
         deadline: Instant,
+        coming: Option<Coming>,
     ) -> Result<Answer, Unanswered> {
         if let Some(remembered) = self.memory.get(id) {
             self.metrics.lookup("memory", true);
@@ -283,7 +305,7 @@ impl Scorer {
 
         let computed = if supplied.is_empty() {
             self.flights
-                .run(id, || async {
+                .run(id, move || async move {
                     // A flight for this entity may have finished between this request's
                     // memory miss and now: take its answer rather than compute again.
                     match self.memory.get(id) {
@@ -292,14 +314,14 @@ impl Scorer {
                             degraded_features: false,
                             filled: false,
                         }),
-                        None => self.compute(id, supplied, deadline).await,
+                        None => self.compute(id, supplied, deadline, coming).await,
                     }
                 })
                 .await
                 .0
         } else {
             // Caller-supplied values make this computation the caller's own: not shared.
-            self.compute(id, supplied, deadline).await
+            self.compute(id, supplied, deadline, coming).await
         };
         match computed {
             Ok(computed) => {
@@ -356,6 +378,7 @@ impl Scorer {
         id: &str,
         supplied: &HashMap<String, f32>,
         deadline: Instant,
+        coming: Option<Coming>,
     ) -> Result<Computed, Degradation> {
         let batcher = match &self.engine {
             Engine::Local(batcher) => batcher,
@@ -363,7 +386,7 @@ impl Scorer {
                 return self.compute_remotely(remote, id, supplied, deadline).await;
             }
         };
-        let coming = batcher.expect();
+        let coming = coming.unwrap_or_else(|| batcher.expect());
         let plan = &self.settings.features;
         let mut store_failed = false;
         let online = match plan.online_key(id) {

@@ -236,9 +236,11 @@ async fn batch_get(
     }
     let empty = HashMap::new();
     let version = &state.scorer.settings().model_version;
+    // Every id announced before any is looked up: the misses among them share runs.
     let answers = futures::future::join_all(request.ids.iter().map(|id| {
         let supplied = request.features.get(id).unwrap_or(&empty);
-        state.scorer.predict(id, supplied)
+        let coming = state.scorer.announce();
+        state.scorer.predict_announced(id, supplied, coming)
     }))
     .await;
     let predictions = request
