@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use millrace_crds::spec::ExecutionProvider;
 use millrace_scorer::model::Model;
-use millrace_scorer::serve::batcher::{BatchPolicy, MicroBatcher};
+use millrace_scorer::serve::batcher::{BatchPolicy, InferError, MicroBatcher};
 use millrace_scorer::serve::metrics::Metrics;
 
 const FEATURES: usize = 4;
@@ -26,6 +26,20 @@ fn runs(metrics: &Metrics) -> f64 {
         .find_map(|line| line.strip_prefix("millrace_scorer_microbatch_rows_count "))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Queues `row` in the background; the answer and how long it took.
+fn infer_timed(
+    batcher: &MicroBatcher,
+    row: &[f32],
+    deadline: Instant,
+) -> tokio::task::JoinHandle<(Result<Vec<f32>, InferError>, Duration)> {
+    let (batcher, row) = (batcher.clone(), row.to_vec());
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = batcher.infer(row, deadline).await;
+        (answer, started.elapsed())
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,14 +74,7 @@ async fn a_batch_waits_for_announced_requests_and_for_nobody_else() {
     // B announces itself (it is fetching its features) before A queues: A's batch waits for
     // B, then both share one run.
     let coming = batcher.expect();
-    let first = {
-        let (batcher, row) = (batcher.clone(), row_a.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let answer = batcher.infer(row, deadline).await;
-            (answer, started.elapsed())
-        })
-    };
+    let first = infer_timed(&batcher, &row_a, deadline);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = batcher
         .infer_expected(coming, row_b.clone(), deadline)
@@ -101,14 +108,7 @@ async fn a_batch_waits_for_announced_requests_and_for_nobody_else() {
     // An announced request answered without the model (a cache hit) stops being waited for
     // when it is dropped: the batch waiting only for it runs then, not after max_delay.
     let coming = batcher.expect();
-    let waiting = {
-        let (batcher, row) = (batcher.clone(), row_a.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let answer = batcher.infer(row, deadline).await;
-            (answer, started.elapsed())
-        })
-    };
+    let waiting = infer_timed(&batcher, &row_a, deadline);
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(coming);
     let (answer, waited) = waiting.await.expect("join");
