@@ -488,6 +488,52 @@ async fn writes_spread_over_a_real_redis_cluster() {
         (Some("realtime"), Some(0.75)),
         "the newer real-time prediction wins: {body}"
     );
+
+    // Day 2, incrementally on the cluster: every tenth entity's features changed. The
+    // fingerprint indexes are read and written on the cluster like the predictions.
+    let before = cluster_values(&mut conn, &layout, n).await;
+    std::fs::create_dir_all(setup.lake().join("day2")).expect("dir");
+    write_parquet_with(&setup.lake().join("day2/p.parquet"), &ids, 500, day2_source);
+    let mut incremental = setup.incremental("day2", 256, 2);
+    incremental.cache.redis_cluster = true;
+    let cfg = config_file(setup.dir.path(), &incremental);
+    let (mut computed, mut carried, mut settled) = (0, 0, 0);
+    for index in 0..2 {
+        let (c, k, i) = shard_summary(&run_batch(&cfg, &cluster.url(), "g-c2", 2, index));
+        (computed, carried, settled) = (computed + c, carried + k, settled + i);
+    }
+    assert_eq!(
+        (computed, carried, settled),
+        (300, 2_700, 3_000),
+        "exactly the changed rows are scored, every row decided by the indexes"
+    );
+    let after = cluster_values(&mut conn, &layout, n).await;
+    for i in 0..n {
+        if changed(i) {
+            let p =
+                CachedPrediction::decode(after[i].as_deref().expect("written")).expect("decodes");
+            assert!(
+                (p.value - setup.expected(day2_source(i))).abs() < 1e-6,
+                "e{i} rescored"
+            );
+        } else {
+            assert_eq!(after[i], before[i], "e{i} untouched");
+        }
+    }
+}
+
+/// The stored values of entities `0..n` in `layout`'s buckets on a cluster.
+async fn cluster_values(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    layout: &BatchLayout,
+    n: usize,
+) -> Vec<Option<Vec<u8>>> {
+    let mut values = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("e{i}");
+        values.push(conn.hget(layout.key_of(&id), &id).await.expect("hget"));
+    }
+    values
 }
 
 /// `url`'s node id and the slots it owns, from its `CLUSTER NODES` line.

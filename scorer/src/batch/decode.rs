@@ -110,8 +110,9 @@ pub struct DecodePlan {
     pub generation: String,
     /// Its buckets.
     pub layout: Arc<BatchLayout>,
-    /// Where an incremental run reads the fingerprint indexes of the generation it updates;
-    /// `None` for a full run.
+    /// Where an incremental run reads (and keeps) the fingerprint indexes of the generation
+    /// it updates: a connection of its own, so these round trips do not queue behind the
+    /// prediction writes' pipelines; `None` for a full run.
     pub known: Option<Arc<PredictionWriter>>,
     /// The seed of row groups' content digests ([`digest::seed`]).
     pub digest_seed: u64,
