@@ -9,6 +9,7 @@ pub mod gcs;
 pub mod kubelet;
 pub mod metric_names;
 pub mod net;
+pub mod procfs;
 pub mod redis_server;
 pub mod s3;
 pub mod story;

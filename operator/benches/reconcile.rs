@@ -62,21 +62,6 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
-/// User + system CPU seconds the process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
-}
-
 #[tokio::main]
 async fn main() {
     let client = millrace_e2e::client()
@@ -199,9 +184,9 @@ async fn main() {
     );
 
     // 3. Idle CPU: nothing changes for 20 s.
-    let before = cpu_seconds(pid);
+    let before = millrace_e2e::procfs::cpu_seconds(pid);
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let used = cpu_seconds(pid) - before;
+    let used = millrace_e2e::procfs::cpu_seconds(pid) - before;
     println!(
         "operator CPU while idle: {:.2} s over 20 s ({:.1}% of one core)",
         used,

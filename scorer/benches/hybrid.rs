@@ -166,54 +166,41 @@ fn redis_benchmark(port: u16, args: &[&str]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Redis's `INFO` `section`.
+fn redis_info(url: &str, section: &str) -> String {
+    let mut conn = redis::Client::open(url)
+        .expect("url")
+        .get_connection()
+        .expect("redis");
+    redis::cmd("INFO")
+        .arg(section)
+        .query(&mut conn)
+        .expect("info")
+}
+
+/// The value of `field` in an `INFO` reply.
+fn info_field<T: std::str::FromStr>(info: &str, field: &str) -> Option<T> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Redis's `used_memory` in bytes.
 fn used_memory(url: &str) -> u64 {
-    let mut conn = redis::Client::open(url)
-        .expect("url")
-        .get_connection()
-        .expect("redis");
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query(&mut conn)
-        .expect("info");
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
-        .unwrap_or(0)
+    info_field(&redis_info(url, "memory"), "used_memory").unwrap_or(0)
 }
 
-/// Seconds of CPU Redis has used (user and system), from `INFO cpu`.
+/// Seconds of CPU Redis has used (user and system).
 fn redis_cpu_seconds(url: &str) -> f64 {
-    let mut conn = redis::Client::open(url)
-        .expect("url")
-        .get_connection()
-        .expect("redis");
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query(&mut conn)
-        .expect("info");
-    ["used_cpu_user:", "used_cpu_sys:"]
+    let info = redis_info(url, "cpu");
+    ["used_cpu_user", "used_cpu_sys"]
         .iter()
-        .filter_map(|field| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(field)?.trim().parse::<f64>().ok())
-        })
+        .filter_map(|field| info_field::<f64>(&info, field))
         .sum()
-}
-
-/// Seconds of CPU used by this process's children that have been waited for (user and
-/// system: `cutime` and `cstime` of `/proc/self/stat`, in clock ticks of 10 ms, the
-/// kernel's `USER_HZ` on Linux).
-fn children_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // cutime and cstime are fields 16 and 17 of the line: 14 and 15 after the name.
-    let ticks: f64 = [13, 14]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
 }
 
 fn flushall(url: &str) {
@@ -318,14 +305,17 @@ impl BatchRun<'_> {
             .arg(generation)
             .query(conn)
             .expect("publish");
-        let cpu_before = (children_cpu_seconds(), redis_cpu_seconds(self.url));
+        let cpu_before = (
+            millrace_e2e::procfs::children_cpu_seconds(),
+            redis_cpu_seconds(self.url),
+        );
         let (inc_time, inc_rss, log) = run(
             self.incremental,
             &format!("{generation}-incremental"),
             "info",
         );
         let inc_cpu = (
-            children_cpu_seconds() - cpu_before.0,
+            millrace_e2e::procfs::children_cpu_seconds() - cpu_before.0,
             redis_cpu_seconds(self.url) - cpu_before.1,
         );
         let changed_only_time = self
