@@ -4,7 +4,8 @@
 //! (fake-gcs-server, Azurite): shards cover every row exactly once, predictions equal the
 //! model's, a killed shard records nothing and a rerun completes, bad input fails
 //! with the file, column and row group named, an incremental run rescores exactly the
-//! changed rows, a failed one never leaves a fingerprint index ahead of its predictions, all
+//! changed rows and withdraws the predictions of entities whose features turned null, a
+//! failed one never leaves a fingerprint index ahead of its predictions, all
 //! shards of a run follow the plan its first shard recorded, an incremental run rebuilds a
 //! generation older than `batch.rebuildAfter`, and a write follows a Redis Cluster slot that
 //! moved to another master mid-run.
@@ -1353,6 +1354,149 @@ async fn an_incremental_run_recomputes_exactly_the_changed_rows() {
         .expect("publish");
     let out = run_batch(&cfg, &server.url(), "g-inc3", 1, 0);
     assert_eq!(shard_summary(&out), (0, 1005, 0));
+}
+
+/// Writes entities `n0..n{count}` to `path` (features of [`features_of`]) in row groups of
+/// `row_group` rows, with a null `spend` for the entities in `null_spend`.
+fn write_with_null_spend(path: &Path, count: usize, null_spend: &[usize], row_group: usize) {
+    let mut columns: Vec<(&str, ArrayRef)> = vec![(
+        "user_id",
+        Arc::new(StringArray::from(
+            (0..count).map(|i| format!("n{i}")).collect::<Vec<_>>(),
+        )) as ArrayRef,
+    )];
+    for (j, name) in INPUTS.iter().enumerate() {
+        let values: Vec<Option<f32>> = (0..count)
+            .map(|i| {
+                let missing = *name == "spend" && null_spend.contains(&i);
+                (!missing).then(|| features_of(i)[j])
+            })
+            .collect();
+        columns.push((name, Arc::new(Float32Array::from(values)) as ArrayRef));
+    }
+    std::fs::create_dir_all(path.parent().expect("a directory")).expect("dir");
+    write_batch(
+        path,
+        RecordBatch::try_from_iter(columns).expect("batch"),
+        row_group,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_run_withdraws_predictions_whose_features_turned_null() {
+    let ks = Keyspace::new("ml/churn", "3");
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    // Day 1: every feature of n0..n9 present. Day 2: n3's and n7's `spend` is null. Day 3:
+    // present again.
+    write_with_null_spend(&setup.lake().join("day1/p.parquet"), 10, &[], 5);
+    write_with_null_spend(&setup.lake().join("day2/p.parquet"), 10, &[3, 7], 5);
+    write_with_null_spend(&setup.lake().join("day3/p.parquet"), 10, &[], 5);
+    let policy = |mut cfg: ScorerConfig| {
+        cfg.features.missing.policy = MissingFeaturePolicy::Fallback;
+        cfg
+    };
+    let day1 = policy(setup.config(&format!("file://{}/day1/", setup.lake().display()), 4, 1));
+    let out = run_one(&setup, &server, &day1, "g-full");
+    assert_eq!(summary_fields(&out, ["computed", "skipped"]), [10, 0]);
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-full")
+        .await
+        .expect("publish");
+    let before: Vec<Option<Vec<u8>>> = {
+        let mut values = Vec::new();
+        for i in 0..10 {
+            values.push(batch_value(&mut conn, "g-full", &format!("n{i}")).await);
+        }
+        values
+    };
+    assert!(before.iter().all(Option::is_some), "day 1 scored everyone");
+
+    // Day 2 updates g-full in place: the predictions of n3 and n7 were made on features
+    // they no longer have, and the fallback policy promises they are computed on request,
+    // so they must go (left in place, they would be served as fresh).
+    let out = run_one(
+        &setup,
+        &server,
+        &policy(setup.incremental("day2", 4, 1)),
+        "g-inc",
+    );
+    assert_eq!(
+        summary_fields(&out, ["computed", "carried", "skipped", "withdrawn"]),
+        [0, 8, 2, 2]
+    );
+    for (i, was) in before.iter().enumerate() {
+        let now = batch_value(&mut conn, "g-full", &format!("n{i}")).await;
+        if i == 3 || i == 7 {
+            assert_eq!(
+                now, None,
+                "n{i}'s features turned null: its prediction is withdrawn"
+            );
+        } else {
+            assert_eq!(&now, was, "n{i} unchanged: untouched");
+        }
+    }
+
+    // The same day again, published: its row groups are carried unread, n3 and n7 stay
+    // withdrawn. Decoded again (its index lost), nothing is left to withdraw.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc")
+        .await
+        .expect("publish");
+    let out = run_one(
+        &setup,
+        &server,
+        &policy(setup.incremental("day2", 4, 1)),
+        "g-inc2",
+    );
+    assert_eq!(
+        summary_fields(&out, ["unread_groups", "skipped", "withdrawn"]),
+        [2, 2, 0]
+    );
+    let index_keys: Vec<String> = (0..2)
+        .map(|group| ks.fingerprint_index("g-full", 0, group))
+        .collect();
+    let _: () = conn.del(&index_keys).await.expect("del");
+    let out = run_one(
+        &setup,
+        &server,
+        &policy(setup.incremental("day2", 4, 1)),
+        "g-inc3",
+    );
+    assert_eq!(
+        summary_fields(&out, ["computed", "carried", "skipped", "withdrawn"]),
+        [0, 8, 2, 0]
+    );
+    for i in [3, 7] {
+        let now = batch_value(&mut conn, "g-full", &format!("n{i}")).await;
+        assert_eq!(now, None, "n{i} stays withdrawn");
+    }
+
+    // Day 3: their features are back, so they are scored again.
+    let out = run_one(
+        &setup,
+        &server,
+        &policy(setup.incremental("day3", 4, 1)),
+        "g-inc4",
+    );
+    assert_eq!(
+        summary_fields(&out, ["computed", "carried", "withdrawn"]),
+        [2, 8, 0]
+    );
+    for i in [3, 7] {
+        let value = |stored: &Option<Vec<u8>>| {
+            CachedPrediction::decode(stored.as_deref().expect("a prediction"))
+                .expect("decodes")
+                .value
+        };
+        let now = batch_value(&mut conn, "g-full", &format!("n{i}")).await;
+        assert_eq!(
+            value(&now),
+            value(&before[i]),
+            "n{i} scored again, on the same features as day 1"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@
 //! - Feature columns may be any integer or float type (read as f32). A null or non-finite
 //!   feature follows `features.missing.policy`: `fill` scores the row with `fillValue` and
 //!   counts it; `fallback` skips the row (no batch prediction: the online path computes it
-//!   in real time on request) and counts it. A non-numeric feature column is an error.
+//!   in real time on request; an incremental run withdraws the one an earlier run stored)
+//!   and counts it. A non-numeric feature column is an error.
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float32Type;

@@ -40,6 +40,11 @@ pub struct DecodedBatch {
     pub fingerprints: Vec<u64>,
     /// What each write expects to replace; `None`: not known, read the value back first.
     pub expected: Vec<Option<Expected>>,
+    /// An incremental run's rows skipped for a missing feature (bucket, entity id): a
+    /// prediction an earlier run stored for them is withdrawn, since the generation is
+    /// updated in place and it would otherwise be served, as fresh, in place of the online
+    /// computation the fallback policy promises.
+    pub withdrawn: Vec<(u32, String)>,
     /// The file's URI, for messages.
     pub file: String,
     /// The row group: the file's position in the listing and the group's index in it.
@@ -336,9 +341,16 @@ async fn decode_unit(
             &plan.missing,
             &at,
         )?;
-        let (mut rows, mut expected) = (Vec::new(), Vec::new());
+        let (mut rows, mut expected, mut withdrawn) = (Vec::new(), Vec::new(), Vec::new());
         let (mut unchanged, mut settled) = (0, 0);
-        for i in (0..scanned.len()).filter(|&i| scanned.is_scored(i)) {
+        for i in 0..scanned.len() {
+            if !scanned.is_scored(i) {
+                if known.is_some() {
+                    let bucket = plan.layout.bucket_of_hash(scanned.id_hashes[i]);
+                    withdrawn.push((bucket, scanned.id(i).to_string()));
+                }
+                continue;
+            }
             let (id_hash, fingerprint) = (scanned.id_hashes[i], scanned.fingerprints[i]);
             let decision = match known.as_mut() {
                 // A full run: a key of this generation that already holds a value was
@@ -379,6 +391,7 @@ async fn decode_unit(
             fingerprints: rows.iter().map(|&i| scanned.fingerprints[i]).collect(),
             features: scanned.gather(&rows),
             expected,
+            withdrawn,
             file: file.clone(),
             group,
             rows: scanned.len() as u64,

@@ -205,6 +205,9 @@ pub struct Summary {
     pub filled: u64,
     /// Rows skipped for a missing feature.
     pub skipped: u64,
+    /// Predictions an incremental run withdrew from the generation it updated: those of
+    /// entities now skipped for a missing feature.
+    pub withdrawn: u64,
     /// Entities whose features had not changed, so their prediction was kept (incremental).
     pub carried: u64,
     /// Row groups an incremental run found unchanged (the file still the version its index
@@ -536,7 +539,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         }
     }
     scoring.finish().await?;
-    let (written, carried, settled) = (scoring.written, scoring.carried, scoring.settled);
+    let (written, carried, settled, withdrawn) = (
+        scoring.written,
+        scoring.carried,
+        scoring.settled,
+        scoring.withdrawn,
+    );
     if let Some(base) = &base {
         // The updated generation's records live as long as its predictions: its bucket
         // count, and the start of its full run (what `batch.rebuildAfter` is measured from).
@@ -574,6 +582,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         written,
         filled,
         skipped,
+        withdrawn,
         carried,
         unread_groups,
         bytes_read,
@@ -581,7 +590,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, filled, skipped,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, filled, skipped, withdrawn,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

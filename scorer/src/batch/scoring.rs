@@ -80,9 +80,16 @@ struct Prepared {
     reading: Option<(Vec<usize>, ValuesRead)>,
 }
 
-/// What a finished write task did: the row group of each scored batch it wrote (none for
-/// an index write) and how many predictions it wrote.
-type WriteDone = (Vec<Group>, u64);
+/// What a finished write task did.
+#[derive(Default)]
+struct WriteDone {
+    /// The row group of each scored batch it wrote (none for an index write).
+    groups: Vec<Group>,
+    /// Predictions written.
+    written: u64,
+    /// Stored predictions withdrawn.
+    withdrawn: u64,
+}
 
 /// The shard's scoring and writing state.
 pub struct Scoring {
@@ -109,6 +116,8 @@ pub struct Scoring {
     /// Rows the fingerprint index decided (unchanged or changed) without reading their
     /// stored value.
     pub settled: u64,
+    /// Stored predictions withdrawn (see [`DecodedBatch::withdrawn`]).
+    pub withdrawn: u64,
 }
 
 impl Scoring {
@@ -138,14 +147,18 @@ impl Scoring {
             written: 0,
             carried: 0,
             settled: 0,
+            withdrawn: 0,
         }
     }
 
     /// Queues a decoded batch (starting the read of rows it cannot settle yet) and scores
     /// the oldest queued batch once more than [`READ_AHEAD`] wait.
-    pub async fn push(&mut self, batch: DecodedBatch) -> Result<(), BatchError> {
+    pub async fn push(&mut self, mut batch: DecodedBatch) -> Result<(), BatchError> {
         self.carried += batch.unchanged;
         self.settled += batch.settled;
+        if !batch.withdrawn.is_empty() {
+            self.withdraw(std::mem::take(&mut batch.withdrawn)).await?;
+        }
         if batch.ids.is_empty() {
             return self.reap();
         }
@@ -207,9 +220,13 @@ impl Scoring {
         &mut self,
         done: Result<Result<WriteDone, BatchError>, tokio::task::JoinError>,
     ) -> Result<(), BatchError> {
-        let (groups, written) =
-            done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
+        let WriteDone {
+            groups,
+            written,
+            withdrawn,
+        } = done.map_err(|e| ModelError::Run(format!("a write task failed: {e}")))??;
         self.written += written;
+        self.withdrawn += withdrawn;
         for group in groups {
             if let Some(ready) = self.gate.closed(group) {
                 self.write_index(ready);
@@ -232,7 +249,7 @@ impl Scoring {
                     during: "writing the fingerprint index",
                     source,
                 })?;
-            Ok((Vec::new(), 0))
+            Ok(WriteDone::default())
         });
     }
 
@@ -370,8 +387,40 @@ impl Scoring {
             if let Some(error) = duplicate(&window, &written.unexpected, &written.previous) {
                 return Err(error);
             }
-            let groups = window.sources.iter().map(|(_, group)| *group).collect();
-            Ok((groups, window.writes.len() as u64))
+            Ok(WriteDone {
+                groups: window.sources.iter().map(|(_, group)| *group).collect(),
+                written: window.writes.len() as u64,
+                withdrawn: 0,
+            })
+        });
+        Ok(())
+    }
+
+    /// Deletes the stored predictions of `fields` (bucket, entity id) in a write task
+    /// (waiting while too many are in flight). Not tied to the row group's index, which
+    /// never lists a skipped row: a run that fails before they are gone leaves them to the
+    /// next run, which skips the same rows.
+    async fn withdraw(&mut self, fields: Vec<(u32, String)>) -> Result<(), BatchError> {
+        self.adopted().await?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| ModelError::Run("writer closed".into()))?;
+        let writer = Arc::clone(&self.writer);
+        let layout = Arc::clone(&self.layout);
+        self.writes.spawn(async move {
+            let withdrawn = writer
+                .delete_fields(&layout, &fields)
+                .await
+                .map_err(|source| BatchError::Redis {
+                    during: "withdrawing the predictions of rows skipped for a missing feature",
+                    source,
+                })?;
+            drop(permit);
+            Ok(WriteDone {
+                withdrawn,
+                ..WriteDone::default()
+            })
         });
         Ok(())
     }

@@ -373,37 +373,18 @@ impl PredictionWriter {
         layout: &BatchLayout,
         fields: &[(u32, String)],
     ) -> Result<Vec<Previous>, RedisError> {
-        let entries: Vec<FieldWrite> = fields
-            .iter()
-            .map(|(bucket, id)| FieldWrite {
-                bucket: *bucket,
-                id: id.clone(),
-                value: [0; VALUE_V2_LEN],
-                expect: Expect::Read,
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..entries.len()).collect();
-        order.sort_unstable_by_key(|&i| entries[i].bucket);
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for i in order {
-            match groups.last_mut() {
-                Some((_, members)) if entries[members[0]].bucket == entries[i].bucket => {
-                    members.push(i)
-                }
-                _ => groups.push((layout.bucket_key(entries[i].bucket), vec![i])),
-            }
-        }
+        let groups = by_bucket(layout, fields);
         let keys: Vec<String> = groups.iter().map(|(key, _)| key.clone()).collect();
         let replies = self
             .per_node(&keys, |pipe, g| {
                 let (key, members) = &groups[g];
                 let read = pipe.cmd("HMGET").arg(key);
                 for &i in members {
-                    read.arg(&entries[i].id);
+                    read.arg(&fields[i].1);
                 }
             })
             .await?;
-        let mut out = vec![None; entries.len()];
+        let mut out = vec![None; fields.len()];
         for ((_, members), reply) in groups.iter().zip(replies) {
             let values: Vec<Previous> = redis::from_redis_value(reply)?;
             for (&i, value) in members.iter().zip(values) {
@@ -411,6 +392,31 @@ impl PredictionWriter {
             }
         }
         Ok(out)
+    }
+
+    /// Deletes `fields` (bucket, entity id) of `layout`: one `HDEL` per bucket, pipelined
+    /// (on a cluster, one pipeline per master). Returns how many were there.
+    pub async fn delete_fields(
+        &self,
+        layout: &BatchLayout,
+        fields: &[(u32, String)],
+    ) -> Result<u64, RedisError> {
+        let groups = by_bucket(layout, fields);
+        let keys: Vec<String> = groups.iter().map(|(key, _)| key.clone()).collect();
+        let replies = self
+            .per_node(&keys, |pipe, g| {
+                let (key, members) = &groups[g];
+                let delete = pipe.cmd("HDEL").arg(key);
+                for &i in members {
+                    delete.arg(&fields[i].1);
+                }
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .filter_map(as_int)
+            .map(|n| n.max(0) as u64)
+            .sum())
     }
 
     /// Runs one command per key (built by `add` from the key's index) in one pipeline per
@@ -501,6 +507,24 @@ impl PredictionWriter {
         };
         cmd.query_async(&mut connection).await
     }
+}
+
+/// `fields` (bucket, entity id) grouped by bucket: each bucket's key and the indexes of its
+/// fields, buckets in ascending order.
+fn by_bucket(layout: &BatchLayout, fields: &[(u32, String)]) -> Vec<(String, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..fields.len()).collect();
+    order.sort_unstable_by_key(|&i| fields[i].0);
+    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    for i in order {
+        match groups.last_mut() {
+            Some((bucket, members)) if *bucket == fields[i].0 => members.push(i),
+            _ => groups.push((fields[i].0, vec![i])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(bucket, members)| (layout.bucket_key(bucket), members))
+        .collect()
 }
 
 /// Whether a field expected `expect` is read before it is written.
