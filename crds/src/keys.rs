@@ -14,6 +14,8 @@
 //! | `mr:{ks}:{version}:g:{generation}:done` | hash: shard index → predictions it wrote, per finished shard of G |
 //! | `mr:{ks}:{version}:g:{generation}:attempts` | hash: shard index → attempts started (a retried shard reads before it writes) |
 //! | `mr:{ks}:{version}:g:{generation}:alias` | the generation an incremental run G updated in place |
+//! | `mr:{ks}:{version}:g:{generation}:gone` | set: entity hashes an incremental run updating G no longer found where its index had them |
+//! | `mr:{ks}:{version}:g:{generation}:listing` | row groups per input file of the run that last wrote G's fingerprint indexes |
 //! | `mr:{ks}:{version}:traffic` | hash: scorer pod → its latest [`crate::traffic::TrafficWindow`] |
 //! | `mr:{ks}:{version}:activity:{{ks:version}}:{hour}` | sorted set: sampled requests per entity in one hour (what `warm` reads) |
 //!
@@ -140,6 +142,20 @@ impl Keyspace {
     /// A retried shard overwrites its own field, so the count stays exact.
     pub fn shards_done(&self, generation: &str) -> String {
         format!("{}g:{generation}:done", self.base)
+    }
+
+    /// The set of entities (8-byte entity hashes) that incremental runs updating
+    /// `generation` found in a row group's fingerprint index but not in the row group: gone
+    /// from the input, or moved to another row group; the run's last shard sorts them out.
+    pub fn removal_candidates(&self, generation: &str) -> String {
+        format!("{}g:{generation}:gone", self.base)
+    }
+
+    /// The input layout whose fingerprint indexes `generation` holds (row groups per file,
+    /// in listing order), so a run reading fewer files or row groups knows which indexes
+    /// describe rows it no longer reads.
+    pub fn index_listing(&self, generation: &str) -> String {
+        format!("{}g:{generation}:listing", self.base)
     }
 
     /// The hash of attempts per shard of `generation`: a shard that finds itself retried
@@ -551,6 +567,8 @@ mod tests {
         assert_eq!(ks.realtime("user_42"), "mr:ml/churn:3:rt:{user_42}");
         assert_eq!(ks.serving_pointer(), "mr:ml/churn:3:serving");
         assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");
+        assert_eq!(ks.removal_candidates("G"), "mr:ml/churn:3:g:G:gone");
+        assert_eq!(ks.index_listing("G"), "mr:ml/churn:3:g:G:listing");
         assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
         assert_eq!(ks.activity(7), "mr:ml/churn:3:activity:{ml/churn:3}:7");
         assert_eq!(

@@ -4,8 +4,9 @@
 //! (fake-gcs-server, Azurite): shards cover every row exactly once, predictions equal the
 //! model's, a killed shard records nothing and a rerun completes, bad input fails
 //! with the file, column and row group named, an incremental run rescores exactly the
-//! changed rows and withdraws the predictions of entities whose features turned null, a
-//! failed one never leaves a fingerprint index ahead of its predictions, all
+//! changed rows, withdraws the predictions of entities whose features turned null and
+//! removes those of entities gone from the input (moved ones kept), a failed one never
+//! leaves a fingerprint index ahead of its predictions, all
 //! shards of a run follow the plan its first shard recorded, an incremental run rebuilds a
 //! generation older than `batch.rebuildAfter`, and a write follows a Redis Cluster slot that
 //! moved to another master mid-run.
@@ -1500,6 +1501,137 @@ async fn an_incremental_run_withdraws_predictions_whose_features_turned_null() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_run_removes_the_predictions_of_entities_gone_from_the_input() {
+    let ks = Keyspace::new("ml/churn", "3");
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    // Day 1: a.parquet holds e0..e199 (two row groups), b.parquet e200..e299 (one).
+    // Day 2: e5 and e150 deleted, b.parquet gone but for e250, which moved into a.parquet,
+    // and e1000 new. Every other row keeps its features.
+    for day in ["day1", "day2"] {
+        std::fs::create_dir_all(setup.lake().join(day)).expect("dir");
+    }
+    let (a, b): (Vec<usize>, Vec<usize>) = ((0..200).collect(), (200..300).collect());
+    write_parquet(&setup.lake().join("day1/a.parquet"), &a, 100);
+    write_parquet(&setup.lake().join("day1/b.parquet"), &b, 100);
+    let gone = |i: usize| i == 5 || i == 150 || (200..300).contains(&i) && i != 250;
+    let day2: Vec<usize> = (0..200).filter(|&i| !gone(i)).chain([250, 1_000]).collect();
+    write_parquet(&setup.lake().join("day2/a.parquet"), &day2, 100);
+
+    let day1 = config_file(
+        setup.dir.path(),
+        &setup.config(&format!("file://{}/day1/", setup.lake().display()), 64, 2),
+    );
+    for shard in 0..2 {
+        let out = run_batch(&day1, &server.url(), "g-full", 2, shard);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-full")
+        .await
+        .expect("publish");
+    let everyone: Vec<usize> = (0..300).chain([1_000]).collect();
+    let before = raw_values(&mut conn, "g-full", &everyone).await;
+
+    // Day 2, in two shards: the first records itself done; the last removes the gone
+    // entities before it does, so the operator publishes the run with them removed.
+    let cfg = config_file(setup.dir.path(), &setup.incremental("day2", 64, 2));
+    let first = run_batch(&cfg, &server.url(), "g-inc", 2, 0);
+    assert_eq!(summary_field(&first, "removed"), 0, "not the last shard");
+    let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-inc")).await.expect("done");
+    assert_eq!(done.len(), 1);
+    let last = run_batch(&cfg, &server.url(), "g-inc", 2, 1);
+    assert_eq!(
+        summary_field(&first, "computed") + summary_field(&last, "computed"),
+        1,
+        "only e1000 is scored: the moved rows are found by their values"
+    );
+    assert_eq!(summary_field(&last, "removed"), 101);
+    let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-inc")).await.expect("done");
+    assert_eq!(done.len(), 2, "recorded done after the sweep");
+    let after = raw_values(&mut conn, "g-full", &everyone).await;
+    for (k, &i) in everyone.iter().enumerate() {
+        if gone(i) {
+            assert_eq!(after[k], None, "e{i} is gone from the input: removed");
+        } else if i == 1_000 {
+            assert!(after[k].is_some(), "e1000 scored");
+        } else {
+            assert_eq!(
+                after[k], before[k],
+                "e{i} kept (e250 and e100 moved): untouched"
+            );
+        }
+    }
+    let candidates: Vec<Vec<u8>> = conn
+        .smembers(ks.removal_candidates("g-full"))
+        .await
+        .expect("smembers");
+    assert!(candidates.is_empty(), "the candidates handled are cleared");
+    let orphan: bool = conn
+        .exists(ks.fingerprint_index("g-full", 1, 0))
+        .await
+        .expect("exists");
+    assert!(
+        !orphan,
+        "the index of b.parquet's row group, gone, is deleted"
+    );
+    let listing: String = conn.get(ks.index_listing("g-full")).await.expect("listing");
+    assert_eq!(listing, "2");
+
+    // The next run finds nothing more to remove.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc")
+        .await
+        .expect("publish");
+    let out = run_batch(&cfg, &server.url(), "g-inc2", 1, 0);
+    assert_eq!(
+        summary_fields(&out, ["computed", "carried", "removed"]),
+        [0, 200, 0]
+    );
+
+    // Day 3: e10 deleted, and e180 moved into the first row group. When the last shard
+    // sweeps, that group's index is missing (evicted, say): without it e180 would look
+    // gone, so nothing is removed and the candidates wait for the next run.
+    std::fs::create_dir_all(setup.lake().join("day3")).expect("dir");
+    let day3: Vec<usize> = std::iter::once(180)
+        .chain(day2.iter().copied().filter(|&i| i != 10 && i != 180))
+        .collect();
+    write_parquet(&setup.lake().join("day3/a.parquet"), &day3, 100);
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc2")
+        .await
+        .expect("publish");
+    let cfg = config_file(setup.dir.path(), &setup.incremental("day3", 64, 2));
+    let first = run_batch(&cfg, &server.url(), "g-inc3", 2, 0);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let _: () = conn
+        .del(ks.fingerprint_index("g-full", 0, 0))
+        .await
+        .expect("evict the index shard 0 wrote");
+    let last = run_batch(&cfg, &server.url(), "g-inc3", 2, 1);
+    assert_eq!(summary_field(&last, "removed"), 0);
+    assert!(
+        stderr(&last).contains("not removed by this run"),
+        "{}",
+        stderr(&last)
+    );
+    let done: HashMap<String, u64> = conn.hgetall(ks.shards_done("g-inc3")).await.expect("done");
+    assert_eq!(done.len(), 2, "the run completes all the same");
+    let kept = raw_values(&mut conn, "g-full", &[10, 180]).await;
+    assert!(kept.iter().all(Option::is_some), "nothing removed");
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc3")
+        .await
+        .expect("publish");
+    let out = run_batch(&cfg, &server.url(), "g-inc4", 1, 0);
+    assert_eq!(summary_field(&out, "removed"), 1, "e10, at the next run");
+    let now = raw_values(&mut conn, "g-full", &[10, 180]).await;
+    assert_eq!(now[0], None, "e10 removed");
+    assert_eq!(now[1], kept[1], "e180 moved, kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_shard_decides_the_run_and_an_old_generation_is_rebuilt() {
     let ks = Keyspace::new("ml/churn", "3");
     // Day 2: every tenth entity changed, five new, and entity 7 gone from the input.
@@ -1531,9 +1663,9 @@ async fn the_first_shard_decides_the_run_and_an_old_generation_is_rebuilt() {
     let own_layout: Option<u32> = conn.get(ks.bucket_count_key("g-inc")).await.expect("get");
     assert_eq!(own_layout, None, "no shard wrote a generation of its own");
     let gone = raw_values(&mut conn, "g-full", &[7]).await;
-    assert!(
-        gone[0].is_some(),
-        "an incremental run deletes nothing: entity 7 is still served"
+    assert_eq!(
+        gone[0], None,
+        "entity 7, gone from the input, is removed by the run's last shard"
     );
 
     // A week later (its full run's recorded start moved back eight days), the next

@@ -49,9 +49,10 @@ pub struct BatchSpec {
 
     /// How old the published generation may grow under incremental runs: the first run
     /// after its full run is this old is a full run again, scoring every entity into a new
-    /// generation. Incremental runs carry what did not change and never delete, so this is
-    /// what bounds how long an entity gone from the input is still served, and how long a
-    /// carried prediction goes without being recomputed. `0s`: never. Default: 168h.
+    /// generation. Incremental runs carry what did not change, so this is what bounds how
+    /// long a carried prediction goes without being recomputed, and how long an entity gone
+    /// from the input is still served where a run could not remove it (the table laid out
+    /// anew). `0s`: never. Default: 168h.
     #[serde(default = "default_rebuild_after")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub rebuild_after: String,

@@ -23,6 +23,7 @@ use super::convert::{Location, scan};
 use super::digest;
 use super::index::{self, GroupIndex, KnownIndex, SeenTwice};
 use super::input::{GroupSource, Input, InputError};
+use super::removal;
 use super::scoring::{Expected, Group};
 use super::shard::Unit;
 use super::writer::PredictionWriter;
@@ -402,6 +403,20 @@ async fn decode_unit(
         };
         if tx.send(Ok(Decoded::Batch(batch))).await.is_err() {
             return Ok(()); // the shard stopped
+        }
+    }
+    // Entities the old index listed and no row matched: recorded before the new index
+    // replaces the old one, which is all that knew them (removal module docs).
+    if let (Some(index), Some(writer)) = (&known, &plan.known) {
+        let gone = index.unmatched();
+        if !gone.is_empty() {
+            let key = plan.keyspace.removal_candidates(&plan.generation);
+            removal::record_candidates(writer, &key, &gone, plan.ttl_ms)
+                .await
+                .map_err(|source| BatchError::Redis {
+                    during: "recording entities gone from a row group",
+                    source,
+                })?;
         }
     }
     let index = GroupIndex {

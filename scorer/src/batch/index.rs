@@ -133,6 +133,17 @@ pub fn decode(bytes: &[u8]) -> Stored {
     }
 }
 
+/// The entities a stored index lists, if it is one of this release's format (every index
+/// a run writes or keeps is); `None` for anything else, which says nothing reliable about
+/// which entities its row group holds.
+pub fn entities(bytes: &[u8]) -> Option<impl Iterator<Item = u64> + '_> {
+    let body = match bytes.split_first() {
+        Some((&FORMAT, rest)) if rest.len() >= 16 => &rest[16..],
+        _ => return None,
+    };
+    (body.len() % 16 == 0).then(|| body.chunks_exact(16).map(|pair| word(&pair[..8])))
+}
+
 fn word(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(bytes.try_into().unwrap_or_default())
 }
@@ -189,6 +200,17 @@ impl KnownIndex {
     /// Its (entity hash, fingerprint) pairs, in the order written.
     pub fn pairs(&self) -> &[(u64, u64)] {
         &self.pairs
+    }
+
+    /// The entities it lists that no row of this run has matched: after the whole group,
+    /// those gone from it (removed from the input, moved to another group, or skipped now).
+    pub fn unmatched(&self) -> Vec<u64> {
+        self.pairs
+            .iter()
+            .zip(&self.matched)
+            .filter(|(_, matched)| !**matched)
+            .map(|(&(id, _), _)| id)
+            .collect()
     }
 
     /// The rows it knows (the group's scored rows when it was written).
@@ -361,6 +383,25 @@ mod tests {
         assert_eq!(known.lookup(0, id_hash("new")), Ok(None));
         let mut none = KnownIndex::from_stored(None);
         assert_eq!(none.lookup(0, a), Ok(None));
+    }
+
+    #[test]
+    fn the_entities_no_row_matched_are_those_gone_from_the_group() {
+        let (a, b, c) = (id_hash("a"), id_hash("b"), id_hash("c"));
+        let stored = encode(&index(&[(a, 1), (b, 2), (c, 3)]));
+        assert_eq!(
+            entities(&stored).map(Iterator::collect::<Vec<_>>),
+            Some(vec![a, b, c])
+        );
+        assert!(entities(&stored[..20]).is_none(), "truncated");
+        assert!(
+            entities(&[FORMAT_WITHOUT_DIGEST]).is_none(),
+            "an older format"
+        );
+        let mut known = KnownIndex::from_stored(Some(&stored));
+        assert_eq!(known.lookup(0, c), Ok(Some(3)));
+        assert_eq!(known.lookup(1, a), Ok(Some(1)));
+        assert_eq!(known.unmatched(), vec![b]);
     }
 
     #[test]

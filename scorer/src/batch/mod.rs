@@ -14,8 +14,10 @@
 //! but a failed incremental run leaves a mix of new and previous predictions (each valid);
 //! every bucket of the updated generation gets the batch TTL again when the run starts, so
 //! carried predictions live as long as written ones (and scorers count their staleness from
-//! the run's start); an entity gone from the input is served until the next rebuild, a full
-//! run once the published generation is `batch.rebuildAfter` old. Whether a run is full or
+//! the run's start). An entity gone from the input loses its prediction when the run's last
+//! shard is done ([`removal`]); where that cannot be worked out cheaply (the table laid out
+//! anew, an index missing) it is served until the next rebuild, a full run once the
+//! published generation is `batch.rebuildAfter` old. Whether a run is full or
 //! incremental is decided once, by its first shard ([`plan`]); with nothing published yet
 //! (or a published generation written by an older release) it is a full one. Unchanged rows
 //! are found through a per-row-group fingerprint index ([`index`]) rather than one read per
@@ -43,6 +45,7 @@ pub mod index;
 pub mod input;
 pub mod plan;
 pub mod progress;
+pub mod removal;
 pub mod scoring;
 pub mod shard;
 pub mod writer;
@@ -208,6 +211,9 @@ pub struct Summary {
     /// Predictions an incremental run withdrew from the generation it updated: those of
     /// entities now skipped for a missing feature.
     pub withdrawn: u64,
+    /// Predictions of entities gone from the input that an incremental run's last shard
+    /// removed from the generation it updated.
+    pub removed: u64,
     /// Entities whose features had not changed, so their prediction was kept (incremental).
     pub carried: u64,
     /// Row groups an incremental run found unchanged (the file still the version its index
@@ -219,6 +225,42 @@ pub struct Summary {
     pub spooled_groups: u64,
     /// Seconds taken.
     pub seconds: f64,
+}
+
+/// The last shard's sweep of an incremental run: removes the predictions of entities gone
+/// from the input from `base` and says what it did; returns how many it removed.
+async fn sweep(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    base: &str,
+    layout: &BatchLayout,
+    row_groups: &[Vec<u64>],
+) -> Result<u64, BatchError> {
+    let swept = removal::sweep(writer, keyspace, base, layout, row_groups)
+        .await
+        .map_err(redis("removing entities gone from the input"))?;
+    match swept {
+        removal::Sweep::Done {
+            candidates,
+            removed,
+        } => {
+            if candidates > 0 {
+                info!(
+                    candidates,
+                    removed, "removed the predictions of entities gone from the input"
+                );
+            }
+            Ok(removed)
+        }
+        removal::Sweep::Deferred { candidates, reason } => {
+            warn!(
+                candidates,
+                reason,
+                "entities gone from the input are not removed by this run; a later run (or the rebuild) will"
+            );
+            Ok(0)
+        }
+    }
 }
 
 /// Says in the log what the run does and why.
@@ -563,26 +605,43 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     }
     progress.finish();
     // Written even when the shard drew nothing (more shards than row groups): the operator
-    // counts shards, and an idle shard is a finished one.
+    // counts shards, and an idle shard is a finished one. The last shard first removes what
+    // the input no longer has (removal module docs), so the run is published with it.
     let done_key = keyspace.shards_done(&args.generation);
-    let mut record = redis::cmd("EVAL");
-    record
-        .arg("redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); return redis.call('PEXPIRE', KEYS[1], ARGV[3])")
-        .arg(1)
-        .arg(&done_key)
-        .arg(args.shard_index)
-        .arg(written)
-        .arg(ttl_ms);
-    let _: i64 = writer
-        .command(&done_key, &record)
-        .await
-        .map_err(redis("recording the shard as done"))?;
+    let last = removal::finish(
+        &writer,
+        &done_key,
+        args.shard_index,
+        shards,
+        written,
+        ttl_ms,
+    )
+    .await
+    .map_err(redis("recording the shard as done"))?;
+    let mut removed = 0;
+    if last {
+        match &base {
+            Some(base) => {
+                removed = sweep(&writer, &keyspace, base, &layout, &row_groups).await?;
+            }
+            None => {
+                let listing = removal::listing(&row_groups);
+                removal::record_listing(&writer, &keyspace, &target, &listing)
+                    .await
+                    .map_err(redis("recording the input's layout"))?
+            }
+        }
+        removal::record_done(&writer, &done_key, args.shard_index, written, ttl_ms)
+            .await
+            .map_err(redis("recording the shard as done"))?;
+    }
     let summary = Summary {
         rows,
         written,
         filled,
         skipped,
         withdrawn,
+        removed,
         carried,
         unread_groups,
         bytes_read,
@@ -590,7 +649,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, filled, skipped, withdrawn,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, filled, skipped, withdrawn, removed,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

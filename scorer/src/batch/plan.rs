@@ -9,9 +9,10 @@
 //! to: nothing is published, the published generation records no bucket count or no
 //! readable start of its full run (an older release wrote it, or the records expired), or
 //! that full run is older than `batch.rebuildAfter`. The last is what bounds an incremental
-//! deployment's staleness: incremental runs carry what did not change and delete nothing,
-//! so an entity gone from the input would otherwise be served for as long as runs keep its
-//! bucket alive.
+//! deployment's staleness: incremental runs carry what did not change, and remove entities
+//! gone from the input only where the fingerprint indexes tell ([`super::removal`]), so a
+//! carried prediction would otherwise never be recomputed, nor an entity the removal had to
+//! defer stop being served, for as long as runs keep its bucket alive.
 
 use std::time::Duration;
 

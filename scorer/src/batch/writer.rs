@@ -419,6 +419,23 @@ impl PredictionWriter {
             .sum())
     }
 
+    /// The fields (entity ids) of each of `buckets` of `layout`: one `HKEYS` per bucket,
+    /// pipelined (on a cluster, one pipeline per master).
+    pub async fn bucket_fields(
+        &self,
+        layout: &BatchLayout,
+        buckets: &[u32],
+    ) -> Result<Vec<Vec<String>>, RedisError> {
+        let keys: Vec<String> = buckets.iter().map(|&b| layout.bucket_key(b)).collect();
+        self.per_node(&keys, |pipe, i| {
+            pipe.cmd("HKEYS").arg(&keys[i]);
+        })
+        .await?
+        .into_iter()
+        .map(|reply| Ok(redis::from_redis_value(reply)?))
+        .collect()
+    }
+
     /// Runs one command per key (built by `add` from the key's index) in one pipeline per
     /// node owning them; the replies in the order of `keys`.
     async fn per_node(
