@@ -123,6 +123,10 @@ pub struct BatchConfig {
     /// full one again (`0s`: never).
     #[serde(default = "crate::spec::default_rebuild_after")]
     pub rebuild_after: String,
+    /// The most bytes of local disk a shard may spool row groups to at once (unset: no
+    /// limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_bytes: Option<u64>,
 }
 
 /// A config that cannot be used.

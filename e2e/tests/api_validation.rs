@@ -117,6 +117,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "should match",
     ),
     (
+        "a scratch size with a unit Kubernetes does not write",
+        r#"{"batch": {"scratchSize": "4GB"}}"#,
+        "spec.batch.scratchSize",
+        "should match",
+    ),
+    (
         "a schedule that is not cron",
         r#"{"batch": {"schedule": "every night"}}"#,
         "spec.batch.schedule",

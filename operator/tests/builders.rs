@@ -245,6 +245,75 @@ fn the_batch_is_an_indexed_job_of_shards_that_never_overlaps() {
 }
 
 #[test]
+fn a_scratch_size_limits_the_batch_pods_tmp_and_requests_the_disk() {
+    let batch_pod = |resource: &InferenceDeployment| {
+        children(resource)
+            .cron_job
+            .and_then(|c| c.spec.job_template.spec)
+            .and_then(|j| j.template.spec)
+            .expect("pod")
+    };
+    let tmp_limit = |pod: &PodSpec| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tmp")
+            .and_then(|v| v.empty_dir.clone())
+            .expect("a /tmp volume")
+            .size_limit
+    };
+    let ephemeral = |pod: &PodSpec| {
+        pod.containers[0]
+            .resources
+            .clone()
+            .and_then(|r| r.requests)
+            .and_then(|r| r.get("ephemeral-storage").cloned())
+    };
+    let unset = batch_pod(&fixture());
+    assert_eq!((tmp_limit(&unset), ephemeral(&unset)), (None, None));
+    assert_eq!(
+        children(&fixture())
+            .scorer_config
+            .batch
+            .and_then(|b| b.scratch_bytes),
+        None
+    );
+
+    let sized = with(
+        &fixture(),
+        serde_json::json!({"spec": {"batch": {"scratchSize": "4Gi"}}}),
+    );
+    let pod = batch_pod(&sized);
+    assert_eq!(tmp_limit(&pod).map(|q| q.0).as_deref(), Some("4Gi"));
+    assert_eq!(ephemeral(&pod).map(|q| q.0).as_deref(), Some("4Gi"));
+    assert_eq!(
+        children(&sized)
+            .scorer_config
+            .batch
+            .and_then(|b| b.scratch_bytes),
+        Some(4 << 30),
+        "the shard spools no more than that at once"
+    );
+    let serving = children(&sized)
+        .deployment
+        .spec
+        .and_then(|s| s.template.spec);
+    assert_eq!(
+        serving.as_ref().map(&tmp_limit),
+        Some(None),
+        "serving pods spool nothing"
+    );
+
+    // A request the user set stays.
+    let requested = with(
+        &sized,
+        serde_json::json!({"spec": {"batch": {"resources": {"requests": {"ephemeral-storage": "10Gi"}}}}}),
+    );
+    let pod = batch_pod(&requested);
+    assert_eq!(ephemeral(&pod).map(|q| q.0).as_deref(), Some("10Gi"));
+}
+
+#[test]
 fn no_batch_means_no_cron_job() {
     let realtime_only = with(&fixture(), serde_json::json!({"spec": {"batch": null}}));
     assert!(children(&realtime_only).cron_job.is_none());

@@ -447,6 +447,7 @@ fn remote_reads(data: &Path, rounds: usize) {
             spool: decode::Spool {
                 dir: std::env::temp_dir(),
                 max_group_bytes: 64 << 20,
+                scratch: millrace_scorer::batch::scratch::Scratch::new(None),
             },
         };
         let mut timings = Vec::new();
@@ -558,6 +559,7 @@ fn scorer_config(data: &Path, memory_entries: i64) -> ScorerConfig {
         batch_size: 8192,
         incremental: false,
         rebuild_after: millrace_crds::spec::default_rebuild_after(),
+        scratch_bytes: None,
     });
     cfg
 }

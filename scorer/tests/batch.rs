@@ -130,6 +130,7 @@ impl Setup {
             batch_size,
             incremental: false,
             rebuild_after: millrace_crds::spec::default_rebuild_after(),
+            scratch_bytes: None,
         });
         cfg
     }
@@ -1197,6 +1198,104 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
         .await
         .expect("done");
     assert!(done.is_empty(), "{done:?}");
+}
+
+/// `batch.scratchSize` bounds the local disk spooled at once: decoders wait for room rather
+/// than spool two groups the pod's `/tmp` cannot hold together, and a group that could never
+/// fit fails the shard at start, naming it, before anything is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_row_groups_stay_within_the_scratch_size() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let spool = setup.dir.path().join("spool");
+    std::fs::create_dir_all(&spool).expect("spool dir");
+    let ids: Vec<usize> = (0..900).collect();
+    write_parquet(&setup.lake().join("a.parquet"), &ids[..500], 128);
+    write_parquet(&setup.lake().join("b.parquet"), &ids[500..], 200);
+    // Each group's spool file: the bytes of its column chunks (every column is read).
+    let group_bytes: Vec<(String, u64)> = ["a.parquet", "b.parquet"]
+        .iter()
+        .flat_map(|name| {
+            let file = std::fs::File::open(setup.lake().join(name)).expect("open");
+            let reader = SerializedFileReader::new(file).expect("footer");
+            let sizes: Vec<u64> = reader
+                .metadata()
+                .row_groups()
+                .iter()
+                .map(|group| group.columns().iter().map(|c| c.byte_range().1).sum())
+                .collect();
+            sizes.into_iter().map(|size| (name.to_string(), size))
+        })
+        .collect();
+    let (largest_file, largest) = group_bytes
+        .iter()
+        .max_by_key(|(_, size)| *size)
+        .cloned()
+        .expect("groups");
+    let spooled = |scratch_bytes: Option<u64>, generation: &str| {
+        // Small batches: a decoder holds its group while the scorer drains it.
+        let mut config = setup.config(&format!("file://{}/", setup.lake().display()), 16, 1);
+        if let Some(batch) = config.batch.as_mut() {
+            batch.scratch_bytes = scratch_bytes;
+        }
+        batch_command(
+            &config_file(setup.dir.path(), &config),
+            &server.url(),
+            generation,
+            1,
+            0,
+        )
+        .args(["--max-group-mib", "0", "--spool-dir"])
+        .arg(&spool)
+        .output()
+        .expect("run")
+    };
+
+    // No limit: two decoders spool two groups at once, more than the largest alone.
+    let out = spooled(None, "g-free");
+    assert!(
+        stderr(&out).contains("row_groups_in_flight=2"),
+        "{}",
+        stderr(&out)
+    );
+    let free_peak = summary_field(&out, "spool_peak_bytes");
+    assert!(
+        free_peak > largest,
+        "unbounded decoders overlap ({free_peak} > {largest}), or this test proves nothing"
+    );
+
+    // Room for the largest group only: one at a time, every row scored all the same.
+    let out = spooled(Some(largest), "g-bounded");
+    assert_eq!(
+        summary_fields(&out, ["spooled_groups", "computed"]),
+        [6, 900],
+        "{}",
+        stderr(&out)
+    );
+    let peak = summary_field(&out, "spool_peak_bytes");
+    assert!(
+        (1..=largest).contains(&peak),
+        "spooled {peak} bytes at once, allowed {largest}"
+    );
+    assert_scored_as(&mut conn, &setup, "g-bounded", 900, |i| i).await;
+
+    // Room for less than the largest group: refused up front, naming the group.
+    let out = spooled(Some(largest - 1), "g-small");
+    let log = stderr(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&largest_file)
+            && log.contains(&format!("needs {largest} bytes of local disk"))
+            && log.contains("spec.batch.scratchSize"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("spooled_groups="),
+        "nothing was decoded: {log}"
+    );
 }
 
 /// Bytes are read only from the file version that was listed: a file rewritten after the

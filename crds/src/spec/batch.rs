@@ -85,6 +85,41 @@ pub struct BatchSpec {
     /// Resources of each batch pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Local disk each batch pod may use for row groups too large to hold in memory (over
+    /// 64 MiB of compressed columns; pandas and pyarrow write a million rows to a group),
+    /// which a shard streams to a file under `/tmp` and decodes from there, one group per
+    /// decoder. Set, the pod's `/tmp` is limited to it, the pod requests it as ephemeral
+    /// storage (so it is scheduled where the disk is), and a shard spools no more than it
+    /// at once (its decoders wait their turn), failing at start, with the file and row
+    /// group named, if one group alone needs more. An integer with an optional suffix:
+    /// `Ki`, `Mi`, `Gi`, `Ti` (powers of 1024) or `k`, `M`, `G`, `T` (of 1000). Default:
+    /// unset (no limit, no request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,15}(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub scratch_size: Option<String>,
+}
+
+/// The bytes of a [`BatchSpec::scratch_size`]: an integer with an optional binary (`Ki`,
+/// `Mi`, `Gi`, `Ti`) or decimal (`k`, `M`, `G`, `T`) suffix; `None` for anything else.
+pub fn scratch_bytes(size: &str) -> Option<u64> {
+    let digits = size
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(size.len());
+    let (number, suffix) = size.split_at(digits);
+    let scale: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(scale)
 }
 
 fn default_time_zone() -> String {
@@ -111,4 +146,21 @@ fn default_backoff_limit_per_index() -> i32 {
 
 fn default_history_limit() -> i32 {
     3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_sizes_read_as_kubernetes_quantities() {
+        assert_eq!(scratch_bytes("512"), Some(512));
+        assert_eq!(scratch_bytes("4Gi"), Some(4 << 30));
+        assert_eq!(scratch_bytes("10G"), Some(10_000_000_000));
+        assert_eq!(scratch_bytes("1Ki"), Some(1024));
+        for bad in ["", "Gi", "4GB", "1.5Gi", "-1", "4 Gi"] {
+            assert_eq!(scratch_bytes(bad), None, "{bad:?}");
+        }
+        assert_eq!(scratch_bytes("999999999999999Ti"), None, "overflow");
+    }
 }

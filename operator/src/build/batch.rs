@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
     Container, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    SecretEnvSource,
+    ResourceRequirements, SecretEnvSource,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use millrace_crds::InferenceDeployment;
@@ -109,18 +110,30 @@ fn job_template(
                 ..EnvFromSource::default()
             }]
         }),
-        resources: with_gpus(batch.resources.clone(), node_pool),
+        resources: with_scratch(
+            with_gpus(batch.resources.clone(), node_pool),
+            batch.scratch_size.as_deref(),
+        ),
         volume_mounts: Some(volume_mounts(resource)),
         security_context: Some(container_security_context()),
         ..Container::default()
     };
+    let mut volumes = volumes(resource);
+    if let Some(size) = &batch.scratch_size {
+        // Spooled row groups go to /tmp: the kubelet holds the volume to the scratch size.
+        for volume in volumes.iter_mut().filter(|v| v.name == "tmp") {
+            if let Some(empty_dir) = volume.empty_dir.as_mut() {
+                empty_dir.size_limit = Some(Quantity(size.clone()));
+            }
+        }
+    }
     let mut pod = PodSpec {
         containers: vec![container],
         init_containers: model_is_fetched(resource)
             .then(|| vec![fetch_model_container(resource, options)]),
         // Indexed Jobs with per-index backoff require Never; the Job controller retries.
         restart_policy: Some("Never".into()),
-        volumes: Some(volumes(resource)),
+        volumes: Some(volumes),
         security_context: Some(pod_security_context()),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
@@ -149,6 +162,24 @@ fn job_template(
             ..JobSpec::default()
         }),
     }
+}
+
+/// `resources` with `scratch` (a quantity) requested as ephemeral storage, so the pod is
+/// scheduled on a node with that much local disk; a request the user set is kept.
+fn with_scratch(
+    resources: Option<ResourceRequirements>,
+    scratch: Option<&str>,
+) -> Option<ResourceRequirements> {
+    let Some(scratch) = scratch else {
+        return resources;
+    };
+    let mut resources = resources.unwrap_or_default();
+    resources
+        .requests
+        .get_or_insert_with(BTreeMap::new)
+        .entry("ephemeral-storage".into())
+        .or_insert_with(|| Quantity(scratch.to_string()));
+    Some(resources)
 }
 
 /// The name of the manual Job for run-batch `token`: derived from the token, so a token

@@ -76,6 +76,11 @@ pub fn scorer_config(resource: &InferenceDeployment) -> ScorerConfig {
             batch_size: batch.batch_size,
             incremental: batch.incremental,
             rebuild_after: batch.rebuild_after.clone(),
+            // The API server checked the pattern; a size too large for 64 bits is no limit.
+            scratch_bytes: batch
+                .scratch_size
+                .as_deref()
+                .map(|size| millrace_crds::spec::scratch_bytes(size).unwrap_or(u64::MAX)),
         }),
     }
 }

@@ -25,6 +25,7 @@ use super::index::{self, GroupIndex, KnownIndex, SeenTwice};
 use super::input::{GroupSource, Input, InputError};
 use super::removal;
 use super::scoring::{Expected, Group};
+use super::scratch::Scratch;
 use super::shard::Unit;
 use super::writer::PredictionWriter;
 
@@ -137,6 +138,8 @@ pub struct Spool {
     pub dir: std::path::PathBuf,
     /// The largest row group held in memory.
     pub max_group_bytes: u64,
+    /// The disk the shard may spool to at once.
+    pub scratch: Arc<Scratch>,
 }
 
 /// Row groups an object store's reads may hold in memory (or on disk, spooled) at once.
@@ -277,6 +280,11 @@ async fn decode_unit(
     // A row group larger than the limit goes to local disk first and is decoded from
     // there page by page, so memory does not grow with row group size.
     let spooled = size > plan.spool.max_group_bytes;
+    // Held until the group is decoded and its spool file gone (the function's end).
+    let _scratch = match spooled {
+        true => Some(plan.spool.scratch.reserve(size).await),
+        false => None,
+    };
     let (source, digest, bytes_read) = if spooled {
         let mut digest = digest::Digest::of_group(plan.digest_seed, &types);
         let spool = plan

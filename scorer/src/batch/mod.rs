@@ -47,6 +47,7 @@ pub mod plan;
 pub mod progress;
 pub mod removal;
 pub mod scoring;
+pub mod scratch;
 pub mod shard;
 pub mod writer;
 
@@ -63,6 +64,7 @@ use convert::ConvertError;
 use input::{Input, InputError};
 use progress::Progress;
 use scoring::{IndexPlace, Scoring};
+use scratch::Scratch;
 use writer::PredictionWriter;
 
 /// Rows per ONNX run and Redis pipeline when the config has no batch section.
@@ -176,6 +178,20 @@ pub enum BatchError {
         /// This shard's count.
         computed: u32,
     },
+    /// A row group too large for memory is also too large for the spool space.
+    #[error(
+        "row group {row_group} of {file} needs {needed} bytes of local disk to be spooled (it is too large for memory), more than batch.scratchSize allows at once ({limit} bytes): raise spec.batch.scratchSize, or write the table with smaller row groups"
+    )]
+    Scratch {
+        /// The file.
+        file: String,
+        /// The row group.
+        row_group: usize,
+        /// Its columns' bytes, compressed.
+        needed: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The run's recorded plan cannot be followed.
     #[error(
         "the plan of generation {generation} cannot be followed: {problem}; rerun under a new generation"
@@ -223,6 +239,8 @@ pub struct Summary {
     pub bytes_read: u64,
     /// Row groups too large for memory, read through a spool file on local disk.
     pub spooled_groups: u64,
+    /// The most bytes spooled at once (what `batch.scratchSize` must allow).
+    pub spool_peak_bytes: u64,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -414,6 +432,21 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             decode::row_groups_in_flight(input.remote, largest)
         }
     };
+    let max_group_bytes = args.max_group_mib.saturating_mul(1 << 20);
+    let scratch = Scratch::new(config.batch.as_ref().and_then(|b| b.scratch_bytes));
+    if let Some(limit) = scratch.limit() {
+        for unit in &units {
+            let needed = input.chunk_bytes(unit, &columns)?;
+            if needed > max_group_bytes && !scratch.fits(needed) {
+                return Err(BatchError::Scratch {
+                    file: input.files[unit.file].uri.clone(),
+                    row_group: unit.row_group,
+                    needed,
+                    limit,
+                });
+            }
+        }
+    }
     info!(
         generation = %args.generation, shard = args.shard_index, shards, files = input.files.len(),
         row_groups = units.len(), rows = total, input_rows = all_rows, row_groups_in_flight = in_flight,
@@ -520,7 +553,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         ttl_ms,
         spool: decode::Spool {
             dir: args.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
-            max_group_bytes: args.max_group_mib.saturating_mul(1 << 20),
+            max_group_bytes,
+            scratch: Arc::clone(&scratch),
         },
     };
     let mut decoded = decode::start(plan, units, in_flight);
@@ -646,10 +680,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         unread_groups,
         bytes_read,
         spooled_groups,
+        spool_peak_bytes: scratch.peak(),
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, filled, skipped, withdrawn, removed,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, spool_peak_bytes = scratch.peak(), filled, skipped, withdrawn, removed,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );
