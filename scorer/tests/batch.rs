@@ -1728,6 +1728,50 @@ async fn an_incremental_run_removes_the_predictions_of_entities_gone_from_the_in
     let now = raw_values(&mut conn, "g-full", &[10, 180]).await;
     assert_eq!(now[0], None, "e10 removed");
     assert_eq!(now[1], kept[1], "e180 moved, kept");
+
+    // Day 5: the table laid out anew (reversed) and e20 deleted, under a limit of ten
+    // candidates: far more than ten left their row groups, so they are dropped unread, e20
+    // among them (it stays until the rebuild), and the run completes.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc4")
+        .await
+        .expect("publish");
+    for day in ["day5", "day6"] {
+        std::fs::create_dir_all(setup.lake().join(day)).expect("dir");
+    }
+    let limited = |dir: &str, generation: &str| {
+        let cfg = config_file(setup.dir.path(), &setup.incremental(dir, 64, 1));
+        batch_command(&cfg, &server.url(), generation, 1, 0)
+            .args(["--max-removal-candidates", "10"])
+            .output()
+            .expect("run")
+    };
+    let day5: Vec<usize> = day3.iter().rev().copied().filter(|&i| i != 20).collect();
+    write_parquet(&setup.lake().join("day5/a.parquet"), &day5, 100);
+    let out = limited("day5", "g-inc5");
+    assert_eq!(summary_field(&out, "removed"), 0);
+    assert!(
+        stderr(&out).contains("too many entities left"),
+        "{}",
+        stderr(&out)
+    );
+    let left: i64 = conn
+        .scard(ks.removal_candidates("g-full"))
+        .await
+        .expect("scard");
+    assert_eq!(left, 0, "dropped, not kept to be too many again");
+    assert!(raw_values(&mut conn, "g-full", &[20]).await[0].is_some());
+
+    // Day 6, the same layout and e30 deleted: one candidate, removed as usual.
+    let _: () = conn
+        .set(ks.serving_pointer(), "g-inc5")
+        .await
+        .expect("publish");
+    let day6: Vec<usize> = day5.iter().copied().filter(|&i| i != 30).collect();
+    write_parquet(&setup.lake().join("day6/a.parquet"), &day6, 100);
+    let out = limited("day6", "g-inc6");
+    assert_eq!(summary_field(&out, "removed"), 1, "{}", stderr(&out));
+    assert_eq!(raw_values(&mut conn, "g-full", &[30]).await[0], None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

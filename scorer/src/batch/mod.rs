@@ -109,10 +109,16 @@ pub struct BatchArgs {
     #[arg(long, default_value_t = 64)]
     pub max_group_mib: u64,
     /// Where row groups too large for memory are spooled (anonymous files, gone with the
-    /// process; at most one row group per decoder at a time). Default: the temporary
+    /// process; at most one row group per decoder at a time, within `batch.scratchBytes`
+    /// when set: `spec.batch.scratchSize`). Default: the temporary
     /// directory (the pod's `/tmp` volume).
     #[arg(long, env = "MILLRACE_SPOOL_DIR")]
     pub spool_dir: Option<std::path::PathBuf>,
+    /// Entities gone from their row groups the last shard of an incremental run sorts out
+    /// at most (about 24 bytes of memory each). Past it (the table laid out anew, rather than
+    /// entities deleted) they are dropped: those really gone stay until the rebuild.
+    #[arg(long, default_value_t = removal::MAX_CANDIDATES)]
+    pub max_removal_candidates: usize,
 }
 
 /// Why a shard failed. The shard is then not recorded as done, and the run is not published.
@@ -253,8 +259,9 @@ async fn sweep(
     base: &str,
     layout: &BatchLayout,
     row_groups: &[Vec<u64>],
+    max_candidates: usize,
 ) -> Result<u64, BatchError> {
-    let swept = removal::sweep(writer, keyspace, base, layout, row_groups)
+    let swept = removal::sweep(writer, keyspace, base, layout, row_groups, max_candidates)
         .await
         .map_err(redis("removing entities gone from the input"))?;
     match swept {
@@ -273,8 +280,7 @@ async fn sweep(
         removal::Sweep::Deferred { candidates, reason } => {
             warn!(
                 candidates,
-                reason,
-                "entities gone from the input are not removed by this run; a later run (or the rebuild) will"
+                reason, "entities gone from the input are not removed by this run"
             );
             Ok(0)
         }
@@ -656,7 +662,15 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     if last {
         match &base {
             Some(base) => {
-                removed = sweep(&writer, &keyspace, base, &layout, &row_groups).await?;
+                removed = sweep(
+                    &writer,
+                    &keyspace,
+                    base,
+                    &layout,
+                    &row_groups,
+                    args.max_removal_candidates,
+                )
+                .await?;
             }
             None => {
                 let listing = removal::listing(&row_groups);

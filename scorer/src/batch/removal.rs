@@ -24,9 +24,11 @@
 //! The sweep is skipped entirely when nothing is a candidate (a run whose rows all stayed in
 //! their row groups), and deferred, with nothing removed, when an index it must read is
 //! missing (evicted, or written by an older release): without it, a candidate that moved
-//! into that group would look gone. Past [`MAX_CANDIDATES`] (the table laid out anew, not
-//! entities deleted) it is deferred too, and entities gone stay until the next rebuild
-//! (`batch.rebuildAfter`), as before.
+//! into that group would look gone; the candidates wait for the next run. Past the limit
+//! (`--max-removal-candidates`, [`MAX_CANDIDATES`] by default: the table laid out anew, not
+//! entities deleted) the candidates are dropped unexamined, counted with `SCARD` before
+//! any is read so memory stays bounded: those among them really gone stay until the next
+//! rebuild (`batch.rebuildAfter`), and the runs after this one remove again.
 
 use std::collections::HashSet;
 
@@ -36,7 +38,8 @@ use redis::RedisError;
 use super::index;
 use super::writer::PredictionWriter;
 
-/// Candidates one sweep holds in memory at most (8 bytes each, in a hash set).
+/// Candidates one sweep holds in memory by default at most (8 bytes each in a hash set,
+/// and again in the list of those to clear).
 pub const MAX_CANDIDATES: usize = 1 << 21;
 
 /// Candidates, or index keys, handled per round trip.
@@ -47,15 +50,14 @@ const CHUNK: usize = 4_096;
 const INDEX_ROWS_PER_READ: u64 = 1 << 20;
 
 /// Why a sweep with more than [`MAX_CANDIDATES`] candidates is deferred.
-const TOO_MANY: &str = "too many entities left their row groups (the table laid out anew?)";
+const TOO_MANY: &str = "too many entities left their row groups (the table laid out anew?): those gone stay until the rebuild";
 
 /// The input layout: row groups per file, in listing order.
 pub fn listing(row_groups: &[Vec<u64>]) -> Vec<usize> {
     row_groups.iter().map(Vec::len).collect()
 }
 
-/// A listing as recorded ("3,0,2").
-/// A recorded [`listing`]; `None` when it is not one.
+/// A [`listing`] as recorded ("3,0,2"); `None` when `text` is not one.
 pub fn parse_listing(text: &str) -> Option<Vec<usize>> {
     if text.is_empty() {
         return Some(Vec::new());
@@ -193,16 +195,18 @@ pub async fn sweep(
     generation: &str,
     layout: &BatchLayout,
     row_groups: &[Vec<u64>],
+    max_candidates: usize,
 ) -> Result<Sweep, RedisError> {
     let listing = listing(row_groups);
     let candidates_key = keyspace.removal_candidates(generation);
-    let recorded: Vec<Vec<u8>> = writer
-        .command(&candidates_key, redis::cmd("SMEMBERS").arg(&candidates_key))
+    let recorded_count: u64 = writer
+        .command(&candidates_key, redis::cmd("SCARD").arg(&candidates_key))
         .await?;
-    let mut candidates: HashSet<u64> = recorded
-        .iter()
-        .filter_map(|member| member.as_slice().try_into().ok().map(u64::from_le_bytes))
-        .collect();
+    let recorded = match recorded_count > max_candidates as u64 {
+        true => Vec::new(),
+        false => members(writer, &candidates_key).await?,
+    };
+    let mut candidates: HashSet<u64> = recorded.iter().copied().collect();
     let listing_key = keyspace.index_listing(generation);
     let old: Option<String> = writer
         .command(&listing_key, redis::cmd("GET").arg(&listing_key))
@@ -215,17 +219,27 @@ pub async fn sweep(
         .into_iter()
         .map(|(file, group)| keyspace.fingerprint_index(generation, file, group))
         .collect();
+    let mut too_many = recorded_count > max_candidates as u64;
     for keys in orphaned.chunks(CHUNK) {
+        if too_many {
+            break;
+        }
         for stored in writer.read(keys).await?.into_iter().flatten() {
-            if candidates.len() > MAX_CANDIDATES {
+            candidates.extend(index::decode(&stored).pairs.iter().map(|&(id, _)| id));
+            too_many = candidates.len() > max_candidates;
+            if too_many {
                 break;
             }
-            candidates.extend(index::decode(&stored).pairs.iter().map(|&(id, _)| id));
         }
     }
-    if candidates.len() > MAX_CANDIDATES {
+    if too_many {
+        // Dropped, not kept for later: a later run would find them too many again.
+        let _: i64 = writer
+            .command(&candidates_key, redis::cmd("UNLINK").arg(&candidates_key))
+            .await?;
+        forget_orphans(writer, keyspace, generation, &orphaned, &listing).await?;
         return Ok(Sweep::Deferred {
-            candidates: candidates.len() as u64,
+            candidates: recorded_count.max(candidates.len() as u64),
             reason: TOO_MANY,
         });
     }
@@ -236,7 +250,7 @@ pub async fn sweep(
                 let Some(entities) = stored.as_deref().and_then(index::entities) else {
                     return Ok(Sweep::Deferred {
                         candidates: examined,
-                        reason: "a row group's fingerprint index is missing or of an older release",
+                        reason: "a row group's fingerprint index is missing or of an older release: the next run tries again",
                     });
                 };
                 for entity in entities {
@@ -249,22 +263,61 @@ pub async fn sweep(
         }
     }
     let removed = remove(writer, layout, &candidates).await?;
-    for members in recorded.chunks(CHUNK) {
-        let _: i64 = writer
-            .command(
-                &candidates_key,
-                redis::cmd("SREM").arg(&candidates_key).arg(members),
-            )
-            .await?;
+    for chunk in recorded.chunks(CHUNK) {
+        let mut clear = redis::cmd("SREM");
+        clear.arg(&candidates_key);
+        for member in chunk {
+            clear.arg(&member.to_le_bytes()[..]);
+        }
+        let _: i64 = writer.command(&candidates_key, &clear).await?;
     }
-    for key in &orphaned {
-        let _: i64 = writer.command(key, redis::cmd("DEL").arg(key)).await?;
-    }
-    record_listing(writer, keyspace, generation, &listing).await?;
+    forget_orphans(writer, keyspace, generation, &orphaned, &listing).await?;
     Ok(Sweep::Done {
         candidates: examined,
         removed,
     })
+}
+
+/// The members of the candidate set at `key`, read a bounded number at a time (`SSCAN`
+/// may repeat one; the caller dedups).
+async fn members(writer: &PredictionWriter, key: &str) -> Result<Vec<u64>, RedisError> {
+    let mut found = Vec::new();
+    let mut cursor = 0_u64;
+    loop {
+        let (next, page): (u64, Vec<Vec<u8>>) = writer
+            .command(
+                key,
+                redis::cmd("SSCAN")
+                    .arg(key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(CHUNK),
+            )
+            .await?;
+        found.extend(
+            page.iter()
+                .filter_map(|member| member.as_slice().try_into().ok().map(u64::from_le_bytes)),
+        );
+        if next == 0 {
+            return Ok(found);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes the `orphaned` indexes and records `listing` as the input's layout, so the next
+/// sweep does not list their entities again.
+async fn forget_orphans(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    generation: &str,
+    orphaned: &[String],
+    listing: &[usize],
+) -> Result<(), RedisError> {
+    for key in orphaned {
+        let _: i64 = writer.command(key, redis::cmd("DEL").arg(key)).await?;
+    }
+    record_listing(writer, keyspace, generation, listing).await
 }
 
 /// The index keys of `row_groups` (rows per row group, per file), in reads of about
