@@ -967,6 +967,27 @@ fn run_one(setup: &Setup, server: &RedisServer, config: &ScorerConfig, generatio
     )
 }
 
+/// One shard of `generation` that spools every row group (`--max-group-mib 0`) to `spool`.
+fn run_spooled(
+    setup: &Setup,
+    server: &RedisServer,
+    config: &ScorerConfig,
+    generation: &str,
+    spool: &Path,
+) -> Output {
+    batch_command(
+        &config_file(setup.dir.path(), config),
+        &server.url(),
+        generation,
+        1,
+        0,
+    )
+    .args(["--max-group-mib", "0", "--spool-dir"])
+    .arg(spool)
+    .output()
+    .expect("run")
+}
+
 /// Numeric fields of a shard's summary line, in the order named.
 fn summary_fields<const N: usize>(out: &Output, names: [&str; N]) -> [u64; N] {
     names.map(|name| summary_field(out, name))
@@ -1090,17 +1111,7 @@ async fn row_groups_over_the_memory_limit_are_spooled_and_score_the_same() {
     write_parquet(&setup.lake().join("day1/a.parquet"), &ids[..500], 128);
     write_parquet(&setup.lake().join("day1/b.parquet"), &ids[500..], 200);
     let spooled = |config: &ScorerConfig, generation: &str| {
-        batch_command(
-            &config_file(setup.dir.path(), config),
-            &server.url(),
-            generation,
-            1,
-            0,
-        )
-        .args(["--max-group-mib", "0", "--spool-dir"])
-        .arg(&spool)
-        .output()
-        .expect("run")
+        run_spooled(&setup, &server, config, generation, &spool)
     };
     let full = setup.config(&format!("file://{}/day1/", setup.lake().display()), 64, 1);
     let out = spooled(&full, "g-full");
@@ -1241,17 +1252,7 @@ async fn spooled_row_groups_stay_within_the_scratch_size() {
         if let Some(batch) = config.batch.as_mut() {
             batch.scratch_bytes = scratch_bytes;
         }
-        batch_command(
-            &config_file(setup.dir.path(), &config),
-            &server.url(),
-            generation,
-            1,
-            0,
-        )
-        .args(["--max-group-mib", "0", "--spool-dir"])
-        .arg(&spool)
-        .output()
-        .expect("run")
+        run_spooled(&setup, &server, &config, generation, &spool)
     };
 
     // No limit: two decoders spool two groups at once, more than the largest alone.

@@ -362,6 +362,14 @@ impl Scoring {
         Ok(())
     }
 
+    /// A place among the write tasks in flight (waiting while they are all taken).
+    async fn write_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BatchError> {
+        Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| ModelError::Run("writer closed".into()).into())
+    }
+
     /// Hands the window to a write task (waiting while too many are in flight).
     async fn flush(&mut self) -> Result<(), BatchError> {
         if self.window.sources.is_empty() {
@@ -369,10 +377,7 @@ impl Scoring {
         }
         self.adopted().await?;
         let window = std::mem::replace(&mut self.window, Window::new());
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| ModelError::Run("writer closed".into()))?;
+        let permit = self.write_permit().await?;
         let writer = Arc::clone(&self.writer);
         let layout = Arc::clone(&self.layout);
         self.writes.spawn(async move {
@@ -402,10 +407,7 @@ impl Scoring {
     /// next run, which skips the same rows.
     async fn withdraw(&mut self, fields: Vec<(u32, String)>) -> Result<(), BatchError> {
         self.adopted().await?;
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| ModelError::Run("writer closed".into()))?;
+        let permit = self.write_permit().await?;
         let writer = Arc::clone(&self.writer);
         let layout = Arc::clone(&self.layout);
         self.writes.spawn(async move {
