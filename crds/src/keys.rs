@@ -151,6 +151,14 @@ impl Keyspace {
         format!("{}g:{generation}:gone", self.base)
     }
 
+    /// The set of buckets (4-byte little-endian numbers) of `generation` that an incremental
+    /// run found absent when it refreshed their TTL (evicted, or expired): every entity of
+    /// the input that falls in one is scored again by the run's last shard, since the
+    /// fingerprint index would otherwise carry a prediction that is no longer there.
+    pub fn absent_buckets(&self, generation: &str) -> String {
+        format!("{}g:{generation}:absent", self.base)
+    }
+
     /// The input layout whose fingerprint indexes `generation` holds (row groups per file,
     /// in listing order), so a run reading fewer files or row groups knows which indexes
     /// describe rows it no longer reads.
@@ -569,6 +577,7 @@ mod tests {
         assert_eq!(ks.shards_done("G"), "mr:ml/churn:3:g:G:done");
         assert_eq!(ks.removal_candidates("G"), "mr:ml/churn:3:g:G:gone");
         assert_eq!(ks.index_listing("G"), "mr:ml/churn:3:g:G:listing");
+        assert_eq!(ks.absent_buckets("G"), "mr:ml/churn:3:g:G:absent");
         assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
         assert_eq!(ks.activity(7), "mr:ml/churn:3:activity:{ml/churn:3}:7");
         assert_eq!(

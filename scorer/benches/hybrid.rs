@@ -443,6 +443,7 @@ fn remote_reads(data: &Path, rounds: usize) {
             keyspace,
             generation: "remote".into(),
             known: None,
+            repair: None,
             ttl_ms: 60_000,
             spool: decode::Spool {
                 dir: std::env::temp_dir(),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray};
 use millrace_crds::config::{BatchConfig, ScorerConfig};
-use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace, RunPlan};
+use millrace_crds::keys::{BatchLayout, CachedPrediction, Keyspace, RunPlan, entity_hash};
 use millrace_crds::spec::{ExecutionProvider, MissingFeaturePolicy, OfflineFeatures};
 use millrace_e2e::azure::AzuriteServer;
 use millrace_e2e::gcs::GcsServer;
@@ -1092,6 +1092,64 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
         summary_fields(&out, ["unread_groups", "computed", "carried"]),
         [0, 0, 600]
     );
+}
+
+/// A bucket evicted (or expired) while the fingerprint index still vouches for its
+/// entities: an incremental run finds it absent when it refreshes the TTL, and its last
+/// shard scores those entities again, whichever shard's share the bucket was in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
+    let day1 = 600;
+    let everyone: Vec<usize> = (0..day1).collect();
+    let (setup, server, mut conn) = day1_published(day1, &everyone, 100, 64).await;
+    let layout = layout_of(&mut conn, "g-full").await;
+    let bucket_of = |i: usize| layout.bucket_of_hash(entity_hash(&format!("e{i}")));
+    // Two buckets, one in each shard's share of the TTL refresh (bucket mod 2).
+    let first = bucket_of(5);
+    let second = (0..day1)
+        .map(bucket_of)
+        .find(|b| b % 2 != first % 2)
+        .expect("a bucket of the other parity");
+    let evicted = [first, second];
+    for bucket in evicted {
+        let _: i64 = conn.del(layout.bucket_key(bucket)).await.expect("evict");
+    }
+    // Their unchanged entities: the changed ones are written by their shard's own pass.
+    let unchanged_in_evicted = (0..day1)
+        .filter(|&i| evicted.contains(&bucket_of(i)) && !changed(i))
+        .count() as u64;
+    assert!(unchanged_in_evicted > 0);
+
+    // Day 2 (every tenth entity changed), in two shards run one after the other.
+    let cfg = config_file(setup.dir.path(), &setup.incremental("day2", 64, 2));
+    let shard0 = run_batch(&cfg, &server.url(), "g-inc", 2, 0);
+    assert_eq!(summary_field(&shard0, "repaired"), 0, "not the last shard");
+    let shard1 = run_batch(&cfg, &server.url(), "g-inc", 2, 1);
+    assert_eq!(
+        summary_field(&shard1, "repaired"),
+        unchanged_in_evicted,
+        "every unchanged entity of both buckets: {}",
+        stderr(&shard1)
+    );
+    assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
+    let ks = Keyspace::new("ml/churn", "3");
+    let recorded: bool = conn
+        .exists(ks.absent_buckets("g-full"))
+        .await
+        .expect("exists");
+    assert!(!recorded, "the repaired buckets are forgotten");
+    for bucket in evicted {
+        let ttl: i64 = conn.pttl(layout.bucket_key(bucket)).await.expect("pttl");
+        assert!(
+            ttl > 86_000_000,
+            "bucket {bucket} lives with the batch TTL: {ttl}"
+        );
+    }
+
+    // Nothing is absent any more: the next run repairs nothing and computes nothing.
+    let again = config_file(setup.dir.path(), &setup.incremental("day2", 64, 1));
+    let out = run_batch(&again, &server.url(), "g-inc2", 1, 0);
+    assert_eq!(summary_fields(&out, ["repaired", "computed"]), [0, 0]);
 }
 
 /// A row group over `--max-group-mib` (0 here: every one) is streamed to a spool file and

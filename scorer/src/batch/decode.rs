@@ -121,6 +121,10 @@ pub struct DecodePlan {
     /// it updates: a connection of its own, so these round trips do not queue behind the
     /// prediction writes' pipelines; `None` for a full run.
     pub known: Option<Arc<PredictionWriter>>,
+    /// A repair pass ([`super::repair`]): the buckets found absent, as a table by bucket.
+    /// Only rows in one are scored (each read back before it is written); every other row is
+    /// left alone, and no index is read. `None` for a shard's own pass.
+    pub repair: Option<Arc<Vec<bool>>>,
     /// The seed of row groups' content digests ([`digest::seed`]).
     pub digest_seed: u64,
     /// The batch TTL: an index kept for an unchanged group gets it again.
@@ -361,11 +365,18 @@ async fn decode_unit(
                 continue;
             }
             let (id_hash, fingerprint) = (scanned.id_hashes[i], scanned.fingerprints[i]);
-            let decision = match known.as_mut() {
+            let decision = match (known.as_mut(), plan.repair.as_deref()) {
+                // A repair: only entities whose bucket was absent, whatever their value
+                // holds now (this run may have written it since: it is then read back as
+                // this run's own).
+                (_, Some(absent)) => {
+                    let bucket = plan.layout.bucket_of_hash(id_hash) as usize;
+                    absent.get(bucket).copied().unwrap_or(false).then_some(None)
+                }
                 // A full run: a key of this generation that already holds a value was
                 // written by a retry of this shard or by a duplicate row.
-                None => Some(Some(Expected::Value(None))),
-                Some(known) => match known.lookup(pairs.len(), id_hash) {
+                (None, None) => Some(Some(Expected::Value(None))),
+                (Some(known), None) => match known.lookup(pairs.len(), id_hash) {
                     Ok(Some(old)) if old == fingerprint => None,
                     Ok(Some(old)) => Some(Some(Expected::Fingerprint(old))),
                     Ok(None) => Some(None),

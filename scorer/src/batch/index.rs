@@ -13,9 +13,10 @@
 //! an incremental run that finds the file's version unchanged carries all the group's rows
 //! without reading it; one that finds its digest unchanged, without decoding it.
 //!
-//! The index is trusted: a prediction evicted from Redis while its index entry stays would
-//! not be recomputed until the next full run (the same TTL makes both expire together).
-//! That trust is only safe if an index never runs ahead of the predictions it describes, so
+//! The index is trusted: a row it vouches for is not read. Predictions are evicted (or
+//! expire) a bucket at a time, and the TTL refresh at the start of every incremental run
+//! finds such buckets, whose entities the run's last shard then scores again
+//! ([`super::repair`]). That trust is only safe if an index never runs ahead of the predictions it describes, so
 //! a row group's index is written only once every prediction write of that group has been
 //! acknowledged ([`IndexGate`]): a run that fails midway leaves the old index, whose stale
 //! fingerprints make the next run rescore those rows, never a new index over old values.

@@ -22,7 +22,9 @@
 //! (or a published generation written by an older release) it is a full one. Unchanged rows
 //! are found through a per-row-group fingerprint index ([`index`]) rather than one read per
 //! entity, and a row group whose raw bytes did not change ([`digest`]) is not decoded at
-//! all.
+//! all. A bucket the run finds absent (evicted or expired) has its entities scored again by
+//! the last shard ([`repair`]), since the index would otherwise vouch for predictions that
+//! are no longer there.
 //!
 //! **Layout.** Predictions live in hash buckets ([`millrace_crds::keys::BatchLayout`]); a
 //! full run sizes them from the whole input's row count, which every shard reads from the
@@ -46,6 +48,7 @@ pub mod input;
 pub mod plan;
 pub mod progress;
 pub mod removal;
+pub mod repair;
 pub mod scoring;
 pub mod scratch;
 pub mod shard;
@@ -59,7 +62,7 @@ use millrace_crds::spec::duration;
 use tracing::{info, warn};
 
 use crate::job::{JobArgs, JobError};
-use crate::model::{ModelError, SessionOptions};
+use crate::model::{Model, ModelError, SessionOptions};
 use convert::ConvertError;
 use input::{Input, InputError};
 use progress::Progress;
@@ -236,6 +239,9 @@ pub struct Summary {
     /// Predictions of entities gone from the input that an incremental run's last shard
     /// removed from the generation it updated.
     pub removed: u64,
+    /// Predictions an incremental run's last shard wrote again because their bucket was
+    /// absent (evicted or expired) when the run refreshed its TTL.
+    pub repaired: u64,
     /// Entities whose features had not changed, so their prediction was kept (incremental).
     pub carried: u64,
     /// Row groups an incremental run found unchanged (the file still the version its index
@@ -284,6 +290,96 @@ async fn sweep(
             );
             Ok(0)
         }
+    }
+}
+
+/// What the last shard of an incremental run needs to score again the entities of buckets
+/// found absent ([`repair`]).
+struct Repair<'a> {
+    writer: &'a Arc<PredictionWriter>,
+    /// The set of absent buckets.
+    key: &'a str,
+    keyspace: &'a Keyspace,
+    layout: &'a Arc<BatchLayout>,
+    /// The whole input: rows per row group, per file.
+    row_groups: &'a [Vec<u64>],
+    model: &'a Arc<Model>,
+    writes_in_flight: usize,
+    computed_at_ms: u64,
+}
+
+impl Repair<'_> {
+    /// Scores again, from `plan`'s input, every entity in a bucket some shard recorded as
+    /// absent, then forgets the record; returns how many predictions it wrote.
+    async fn run(&self, mut plan: decode::DecodePlan, in_flight: usize) -> Result<u64, BatchError> {
+        let absent = repair::recorded(self.writer, self.key)
+            .await
+            .map_err(redis("reading the buckets found absent"))?;
+        if absent.is_empty() {
+            return Ok(0);
+        }
+        let table = repair::absent_table(&absent, self.layout.buckets());
+        let units = repair::row_groups_to_repair(
+            self.writer,
+            self.keyspace,
+            &plan.generation,
+            self.layout,
+            shard::assign(self.row_groups, 1, 0),
+            &table,
+        )
+        .await
+        .map_err(redis("reading the fingerprint indexes"))?;
+        let forget = || async {
+            repair::clear(self.writer, self.key)
+                .await
+                .map_err(redis("forgetting the buckets repaired"))
+        };
+        if units.is_empty() {
+            // Empty, not evicted: no entity of the input falls in them.
+            info!(
+                buckets = absent.len(),
+                "buckets of the updated generation were absent, and no entity of the input is in one"
+            );
+            forget().await?;
+            return Ok(0);
+        }
+        warn!(
+            buckets = absent.len(),
+            row_groups = units.len(),
+            "buckets of the updated generation were absent (evicted or expired): scoring their entities again"
+        );
+        plan.known = None;
+        plan.repair = Some(Arc::new(table));
+        let index = IndexPlace {
+            keyspace: self.keyspace.clone(),
+            generation: plan.generation.clone(),
+        };
+        let mut decoded = decode::start(plan, units, in_flight);
+        let mut scoring = Scoring::new(
+            Arc::clone(self.model),
+            Arc::clone(self.writer),
+            self.writes_in_flight,
+            self.computed_at_ms,
+            index,
+            Arc::clone(self.layout),
+            false,
+        );
+        while let Some(message) = decoded.recv().await {
+            match message? {
+                decode::Decoded::Batch(batch) => scoring.push(batch).await?,
+                decode::Decoded::GroupDone { group, index, .. } => {
+                    scoring.group_done(group, index)?
+                }
+                decode::Decoded::Unchanged { .. } => {}
+            }
+        }
+        scoring.finish().await?;
+        forget().await?;
+        info!(
+            repaired = scoring.written,
+            "scored again the entities of the absent buckets"
+        );
+        Ok(scoring.written)
     }
 }
 
@@ -555,6 +651,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         generation: target.clone(),
         layout: Arc::clone(&layout),
         known: index_connection.filter(|_| base.is_some()).map(Arc::new),
+        repair: None,
         digest_seed: digest::seed(&id_column, &config.model.inputs, &config.features.missing),
         ttl_ms,
         spool: decode::Spool {
@@ -563,6 +660,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             scratch: Arc::clone(&scratch),
         },
     };
+    // Kept for a repair pass (the last shard of an incremental run that found buckets absent).
+    let repair_plan = plan.clone();
     let mut decoded = decode::start(plan, units, in_flight);
     let model = Arc::new(
         loading
@@ -570,7 +669,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             .map_err(|e| ModelError::Run(format!("the model loading task failed: {e}")))??,
     );
     let mut scoring = Scoring::new(
-        model,
+        Arc::clone(&model),
         Arc::clone(&writer),
         args.writes_in_flight,
         computed_at_ms,
@@ -621,6 +720,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         }
     }
     scoring.finish().await?;
+    let absent_key = keyspace.absent_buckets(&target);
+    if base.is_some() && !scoring.absent.is_empty() {
+        repair::record_absent(&writer, &absent_key, &scoring.absent, ttl_ms)
+            .await
+            .map_err(redis("recording the buckets found absent"))?;
+    }
     let (written, carried, settled, withdrawn) = (
         scoring.written,
         scoring.carried,
@@ -658,10 +763,21 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     )
     .await
     .map_err(redis("recording the shard as done"))?;
-    let mut removed = 0;
+    let (mut removed, mut repaired) = (0, 0);
     if last {
         match &base {
             Some(base) => {
+                let repair = Repair {
+                    writer: &writer,
+                    key: &absent_key,
+                    keyspace: &keyspace,
+                    layout: &layout,
+                    row_groups: &row_groups,
+                    model: &model,
+                    writes_in_flight: args.writes_in_flight,
+                    computed_at_ms,
+                };
+                repaired = repair.run(repair_plan, in_flight).await?;
                 removed = sweep(
                     &writer,
                     &keyspace,
@@ -690,6 +806,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         skipped,
         withdrawn,
         removed,
+        repaired,
         carried,
         unread_groups,
         bytes_read,
@@ -698,7 +815,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, spool_peak_bytes = scratch.peak(), filled, skipped, withdrawn, removed,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, spool_peak_bytes = scratch.peak(), filled, skipped, withdrawn, removed, repaired,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

@@ -105,7 +105,7 @@ pub struct Scoring {
     /// A full run's first attempt: every field is expected new.
     fresh: bool,
     /// The TTL refresh of the updated generation's buckets, awaited before the first write.
-    adopting: Option<JoinHandle<Result<u32, RedisError>>>,
+    adopting: Option<JoinHandle<Result<Vec<u32>, RedisError>>>,
     writes: JoinSet<Result<WriteDone, BatchError>>,
     index: IndexPlace,
     gate: IndexGate,
@@ -118,6 +118,9 @@ pub struct Scoring {
     pub settled: u64,
     /// Stored predictions withdrawn (see [`DecodedBatch::withdrawn`]).
     pub withdrawn: u64,
+    /// Buckets of the updated generation the TTL refresh found absent (known once the
+    /// refresh is done, at the latest when [`Scoring::finish`] returns).
+    pub absent: Vec<u32>,
 }
 
 impl Scoring {
@@ -148,6 +151,7 @@ impl Scoring {
             carried: 0,
             settled: 0,
             withdrawn: 0,
+            absent: Vec::new(),
         }
     }
 
@@ -342,7 +346,7 @@ impl Scoring {
 
     /// Makes the first write wait for `refresh`, the TTL refresh of an incremental run's
     /// buckets (so buckets it finds need no transaction), and the run fail if it fails.
-    pub fn after_ttl_refresh(&mut self, refresh: JoinHandle<Result<u32, RedisError>>) {
+    pub fn after_ttl_refresh(&mut self, refresh: JoinHandle<Result<Vec<u32>, RedisError>>) {
         self.adopting = Some(refresh);
     }
 
@@ -351,14 +355,15 @@ impl Scoring {
         let Some(adopting) = self.adopting.take() else {
             return Ok(());
         };
-        let missing = joined(adopting, "refreshing the TTL of carried predictions").await?;
-        if missing > 0 {
+        let absent = joined(adopting, "refreshing the TTL of carried predictions").await?;
+        if !absent.is_empty() {
             tracing::info!(
-                missing,
+                missing = absent.len(),
                 buckets = self.layout.buckets(),
-                "buckets of the updated generation were absent (empty or expired)"
+                "buckets of the updated generation were absent (empty, evicted or expired)"
             );
         }
+        self.absent = absent;
         Ok(())
     }
 

@@ -332,13 +332,13 @@ impl PredictionWriter {
     /// predictions it carries live as long as those it writes; each shard takes its share,
     /// so the run refreshes each bucket once). Buckets found are marked as having their
     /// TTL, so their writes need no transaction (others get theirs with their first write);
-    /// returns how many were missing.
+    /// returns the buckets that were missing (evicted, expired, or never written).
     pub async fn adopt_buckets(
         &self,
         layout: &BatchLayout,
         share: impl Iterator<Item = u32>,
-    ) -> Result<u32, RedisError> {
-        let mut missing = 0;
+    ) -> Result<Vec<u32>, RedisError> {
+        let mut missing = Vec::new();
         let share: Vec<u32> = share.collect();
         for chunk in share.chunks(4096) {
             let keys: Vec<String> = chunk.iter().map(|&b| layout.bucket_key(b)).collect();
@@ -359,7 +359,7 @@ impl PredictionWriter {
                 if as_int(&reply) == Some(1) {
                     expiring[slot] = true;
                 } else {
-                    missing += 1;
+                    missing.push(bucket);
                 }
             }
         }

@@ -1,0 +1,175 @@
+//! Buckets an incremental run finds absent: their entities are scored again.
+//!
+//! An incremental run trusts the fingerprint index: an entity whose features did not change
+//! keeps the prediction stored for it, unread. That prediction can be gone while the index
+//! stays: Redis evicted its bucket (a `maxmemory` policy such as `allkeys-lru`, common for a
+//! cache), or the bucket expired. Without this, such an entity would have no batch
+//! prediction until the next rebuild (`batch.rebuildAfter`, a week by default), and every
+//! request for it would be computed in real time.
+//!
+//! The run already refreshes every bucket's TTL when it starts (`PEXPIRE`, which answers
+//! whether the bucket exists), so finding the absent ones costs nothing more:
+//!
+//! 1. **Recorded.** Each shard adds the buckets of its share that were absent to the set
+//!    [`Keyspace::absent_buckets`] of the generation it updates, once its own work is done.
+//! 2. **Repaired by the last shard.** Its entities lie anywhere in the input, so the run's
+//!    last shard (the one that also sweeps removals) reads every row group's fingerprint
+//!    index, picks the row groups listing an entity in an absent bucket (and those whose
+//!    index is missing: they may), decodes them, scores exactly the rows in absent buckets,
+//!    writes them (each read back first, like any row the index cannot vouch for), clears
+//!    the set, and only then records itself done: the operator cannot publish the run
+//!    before the repair is in. A shard killed midway is retried and repairs again.
+//!
+//! A run where no bucket was absent (the usual case) does none of this.
+
+use millrace_crds::keys::{BatchLayout, Keyspace};
+use redis::RedisError;
+
+use super::index;
+use super::shard::Unit;
+use super::writer::PredictionWriter;
+
+/// Buckets, or index keys, handled per round trip.
+const CHUNK: usize = 4_096;
+
+/// Row group indexes read per round trip (about 1 MiB each for 64Ki rows).
+const INDEXES_PER_READ: usize = 8;
+
+/// Adds `buckets` to the set at `key` (with the batch TTL, in one script so the set never
+/// lives without it).
+pub async fn record_absent(
+    writer: &PredictionWriter,
+    key: &str,
+    buckets: &[u32],
+    ttl_ms: u64,
+) -> Result<(), RedisError> {
+    for chunk in buckets.chunks(CHUNK) {
+        let mut add = redis::cmd("EVAL");
+        add.arg(
+            "redis.call('SADD', KEYS[1], unpack(ARGV, 2)); return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
+        )
+        .arg(1)
+        .arg(key)
+        .arg(ttl_ms);
+        for bucket in chunk {
+            add.arg(&bucket.to_le_bytes()[..]);
+        }
+        let _: i64 = writer.command(key, &add).await?;
+    }
+    Ok(())
+}
+
+/// The buckets recorded at `key` (members that are not 4-byte bucket numbers are ignored).
+pub async fn recorded(writer: &PredictionWriter, key: &str) -> Result<Vec<u32>, RedisError> {
+    let members: Vec<Vec<u8>> = writer.command(key, redis::cmd("SMEMBERS").arg(key)).await?;
+    Ok(members
+        .iter()
+        .filter_map(|m| <[u8; 4]>::try_from(m.as_slice()).ok())
+        .map(u32::from_le_bytes)
+        .collect())
+}
+
+/// Forgets the set at `key` (its buckets were repaired).
+pub async fn clear(writer: &PredictionWriter, key: &str) -> Result<(), RedisError> {
+    let _: i64 = writer.command(key, redis::cmd("DEL").arg(key)).await?;
+    Ok(())
+}
+
+/// Which of `count` buckets are among `buckets`, as a lookup table (numbers past `count`
+/// are ignored: they belong to no layout of this generation).
+pub fn absent_table(buckets: &[u32], count: u32) -> Vec<bool> {
+    let mut table = vec![false; count as usize];
+    for &bucket in buckets {
+        if let Some(slot) = table.get_mut(bucket as usize) {
+            *slot = true;
+        }
+    }
+    table
+}
+
+/// Whether the row group whose stored index is `stored` may hold an entity in an absent
+/// bucket: it lists one, or there is no index of this release's format to say it does not.
+pub fn may_hold_absent(stored: Option<&[u8]>, layout: &BatchLayout, absent: &[bool]) -> bool {
+    match stored.and_then(index::entities) {
+        Some(mut entities) => entities.any(|entity| {
+            absent
+                .get(layout.bucket_of_hash(entity) as usize)
+                .copied()
+                .unwrap_or(false)
+        }),
+        None => true,
+    }
+}
+
+/// The row groups among `units` to decode again: those that may hold an entity in an absent
+/// bucket ([`may_hold_absent`]), found by reading their indexes in `generation`.
+pub async fn row_groups_to_repair(
+    writer: &PredictionWriter,
+    keyspace: &Keyspace,
+    generation: &str,
+    layout: &BatchLayout,
+    units: Vec<Unit>,
+    absent: &[bool],
+) -> Result<Vec<Unit>, RedisError> {
+    let mut chosen = Vec::new();
+    for chunk in units.chunks(INDEXES_PER_READ) {
+        let keys: Vec<String> = chunk
+            .iter()
+            .map(|u| keyspace.fingerprint_index(generation, u.file, u.row_group))
+            .collect();
+        let stored = writer.read(&keys).await?;
+        for (unit, stored) in chunk.iter().zip(stored) {
+            if may_hold_absent(stored.as_deref(), layout, absent) {
+                chosen.push(unit.clone());
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::index::{GroupIndex, encode, id_hash};
+
+    fn layout() -> BatchLayout {
+        Keyspace::new("ml/churn", "3").batch_layout("G", 16)
+    }
+
+    #[test]
+    fn the_table_marks_exactly_the_absent_buckets_of_the_layout() {
+        let table = absent_table(&[3, 0, 3, 99], 4);
+        assert_eq!(
+            table,
+            vec![true, false, false, true],
+            "99 is past the layout"
+        );
+    }
+
+    #[test]
+    fn a_row_group_needs_repair_only_if_its_index_lists_an_entity_in_an_absent_bucket() {
+        let layout = layout();
+        let ids = ["user_1", "user_2", "user_3"];
+        let stored = encode(&GroupIndex {
+            digest: 7,
+            version: 0,
+            pairs: ids.iter().map(|id| (id_hash(id), 42)).collect(),
+        });
+        let bucket_of = |id: &str| layout.bucket_of_hash(id_hash(id));
+        let holding = absent_table(&[bucket_of("user_2")], layout.buckets());
+        assert!(may_hold_absent(Some(&stored), &layout, &holding));
+        let elsewhere: Vec<u32> = (0..layout.buckets())
+            .filter(|b| !ids.iter().any(|id| bucket_of(id) == *b))
+            .collect();
+        let not_holding = absent_table(&elsewhere, layout.buckets());
+        assert!(!may_hold_absent(Some(&stored), &layout, &not_holding));
+    }
+
+    #[test]
+    fn a_row_group_without_a_readable_index_may_hold_anything() {
+        let layout = layout();
+        let none = absent_table(&[], layout.buckets());
+        assert!(may_hold_absent(None, &layout, &none));
+        assert!(may_hold_absent(Some(b"\x02garbage"), &layout, &none));
+    }
+}
