@@ -1152,6 +1152,49 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
     assert_eq!(summary_fields(&out, ["repaired", "computed"]), [0, 0]);
 }
 
+/// A bucket absent because none of the input's entities falls in it any more (all gone
+/// from the input): the indexes say so, and nothing is decoded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_bucket_no_entity_of_the_input_falls_in_is_not_repaired() {
+    let day1 = 600;
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let everyone: Vec<usize> = (0..day1).collect();
+    write_two_days(&setup, day1, &everyone, 100);
+    publish_day1(&setup, &server, &mut conn, 64).await;
+    let layout = layout_of(&mut conn, "g-full").await;
+    let bucket_of = |i: usize| layout.bucket_of_hash(entity_hash(&format!("e{i}")));
+    let emptied = bucket_of(5);
+    let _: i64 = conn.del(layout.bucket_key(emptied)).await.expect("evict");
+    // Day 2: every entity of that bucket gone from the input.
+    let staying: Vec<usize> = everyone
+        .iter()
+        .copied()
+        .filter(|&i| bucket_of(i) != emptied)
+        .collect();
+    write_parquet_with(
+        &setup.lake().join("day2/p.parquet"),
+        &staying,
+        100,
+        day2_source,
+    );
+    let out = run_one(&setup, &server, &setup.incremental("day2", 64, 1), "g-inc");
+    assert_eq!(summary_field(&out, "repaired"), 0);
+    let log = stderr(&out);
+    assert!(
+        log.contains("no entity of the input is in one"),
+        "the indexes rule the bucket out: {log}"
+    );
+    assert!(!log.contains("scoring their entities again"), "{log}");
+    let ks = Keyspace::new("ml/churn", "3");
+    let recorded: bool = conn
+        .exists(ks.absent_buckets("g-full"))
+        .await
+        .expect("exists");
+    assert!(!recorded, "forgotten");
+}
+
 /// A row group over `--max-group-mib` (0 here: every one) is streamed to a spool file and
 /// decoded from there page by page: the same predictions, the same content digests (a run
 /// holding the same bytes in memory carries every group by digest), nothing left behind.
