@@ -159,6 +159,13 @@ impl Keyspace {
         format!("{}g:{generation}:absent", self.base)
     }
 
+    /// Set once a shard of the incremental run `generation` has refreshed the TTL of every
+    /// bucket it updates and recorded those absent: the run's other shards (and retries)
+    /// then need not refresh them again.
+    pub fn buckets_refreshed(&self, generation: &str) -> String {
+        format!("{}g:{generation}:refreshed", self.base)
+    }
+
     /// The input layout whose fingerprint indexes `generation` holds (row groups per file,
     /// in listing order), so a run reading fewer files or row groups knows which indexes
     /// describe rows it no longer reads.
@@ -578,6 +585,7 @@ mod tests {
         assert_eq!(ks.removal_candidates("G"), "mr:ml/churn:3:g:G:gone");
         assert_eq!(ks.index_listing("G"), "mr:ml/churn:3:g:G:listing");
         assert_eq!(ks.absent_buckets("G"), "mr:ml/churn:3:g:G:absent");
+        assert_eq!(ks.buckets_refreshed("G"), "mr:ml/churn:3:g:G:refreshed");
         assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
         assert_eq!(ks.activity(7), "mr:ml/churn:3:activity:{ml/churn:3}:7");
         assert_eq!(

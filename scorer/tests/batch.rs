@@ -493,26 +493,46 @@ async fn writes_spread_over_a_real_redis_cluster() {
     );
 
     // Day 2, incrementally on the cluster: every tenth entity's features changed. The
-    // fingerprint indexes are read and written on the cluster like the predictions.
+    // fingerprint indexes are read and written on the cluster like the predictions. Two
+    // buckets were evicted meanwhile, each holding entities of both shards' row groups: the
+    // first shard's writes recreate them before the second starts, and they are still
+    // found and repaired.
     let before = cluster_values(&mut conn, &layout, n).await;
+    let bucket_of = |i: usize| layout.bucket_of_hash(entity_hash(&format!("e{i}")));
+    let evicted = [bucket_of(0), bucket_of(1)];
+    for bucket in evicted {
+        let _: i64 = conn.del(layout.bucket_key(bucket)).await.expect("evict");
+    }
+    let repaired_entities = |i: usize| evicted.contains(&bucket_of(i)) && !changed(i);
     std::fs::create_dir_all(setup.lake().join("day2")).expect("dir");
     write_parquet_with(&setup.lake().join("day2/p.parquet"), &ids, 500, day2_source);
     let mut incremental = setup.incremental("day2", 256, 2);
     incremental.cache.redis_cluster = true;
     let cfg = config_file(setup.dir.path(), &incremental);
-    let (mut computed, mut carried, mut settled) = (0, 0, 0);
+    let (mut computed, mut carried, mut settled, mut repaired) = (0, 0, 0, 0);
     for index in 0..2 {
-        let (c, k, i) = shard_summary(&run_batch(&cfg, &cluster.url(), "g-c2", 2, index));
+        let out = run_batch(&cfg, &cluster.url(), "g-c2", 2, index);
+        let (c, k, i) = shard_summary(&out);
         (computed, carried, settled) = (computed + c, carried + k, settled + i);
+        repaired += summary_field(&out, "repaired");
     }
     assert_eq!(
         (computed, carried, settled),
         (300, 2_700, 3_000),
         "exactly the changed rows are scored, every row decided by the indexes"
     );
+    assert_eq!(
+        repaired,
+        (0..n).filter(|&i| repaired_entities(i)).count() as u64,
+        "the evicted buckets' unchanged entities are scored again"
+    );
     let after = cluster_values(&mut conn, &layout, n).await;
     for i in 0..n {
-        if changed(i) {
+        if repaired_entities(i) {
+            let p =
+                CachedPrediction::decode(after[i].as_deref().expect("repaired")).expect("decodes");
+            assert!((p.value - setup.expected(i)).abs() < 1e-6, "e{i} repaired");
+        } else if changed(i) {
             let p =
                 CachedPrediction::decode(after[i].as_deref().expect("written")).expect("decodes");
             assert!(

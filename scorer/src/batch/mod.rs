@@ -626,14 +626,17 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     .await?;
     // Only a full run's first attempt can expect every field to be new.
     let fresh = base.is_none() && attempt == 1;
-    // An incremental run: the predictions it carries live as long as those it writes, and
-    // buckets found need no transaction for their TTL (done while decoding starts; the first
-    // write waits for it).
+    // An incremental run: the predictions it carries live as long as those it writes,
+    // buckets found need no transaction for their TTL, and those absent are recorded for
+    // the last shard to repair (done while decoding starts; the first write waits for it).
+    let absent_key = keyspace.absent_buckets(&target);
     let adopting = base.is_some().then(|| {
         let (writer, layout) = (Arc::clone(&writer), Arc::clone(&layout));
-        let (shard, of) = (args.shard_index as u32, shards as u32);
-        let share = (0..layout.buckets()).filter(move |b| b % of == shard);
-        tokio::spawn(async move { writer.adopt_buckets(&layout, share).await })
+        let keys = repair::RefreshKeys {
+            absent: absent_key.clone(),
+            refreshed: keyspace.buckets_refreshed(&args.generation),
+        };
+        tokio::spawn(async move { repair::refresh(&writer, &layout, &keys, ttl_ms).await })
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
@@ -720,12 +723,6 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         }
     }
     scoring.finish().await?;
-    let absent_key = keyspace.absent_buckets(&target);
-    if base.is_some() && !scoring.absent.is_empty() {
-        repair::record_absent(&writer, &absent_key, &scoring.absent, ttl_ms)
-            .await
-            .map_err(redis("recording the buckets found absent"))?;
-    }
     let (written, carried, settled, withdrawn) = (
         scoring.written,
         scoring.carried,

@@ -10,8 +10,14 @@
 //! The run already refreshes every bucket's TTL when it starts (`PEXPIRE`, which answers
 //! whether the bucket exists), so finding the absent ones costs nothing more:
 //!
-//! 1. **Recorded.** Each shard adds the buckets of its share that were absent to the set
-//!    [`Keyspace::absent_buckets`] of the generation it updates, once its own work is done.
+//! 1. **Recorded before any write.** [`refresh`] refreshes every bucket and adds those absent
+//!    to the set [`Keyspace::absent_buckets`] of the generation the run updates, then marks
+//!    the run as refreshed ([`Keyspace::buckets_refreshed`]); a shard (or retry) that finds
+//!    the mark reads the set instead of refreshing again. No shard writes before its own
+//!    refresh (or the mark) is done, so the first refresh to finish saw every bucket before
+//!    any write of the run could recreate it: a bucket evicted, then recreated by another
+//!    shard's write of one changed entity, is still recorded. (Refreshing only a share of
+//!    the buckets per shard would miss exactly that.)
 //! 2. **Repaired by the last shard.** Its entities lie anywhere in the input, so the run's
 //!    last shard (the one that also sweeps removals) reads every row group's fingerprint
 //!    index, picks the row groups listing an entity in an absent bucket (and those whose
@@ -28,6 +34,40 @@ use redis::RedisError;
 use super::index;
 use super::shard::Unit;
 use super::writer::PredictionWriter;
+
+/// Where a run records what its TTL refresh found.
+#[derive(Debug, Clone)]
+pub struct RefreshKeys {
+    /// The set of absent buckets of the generation updated ([`Keyspace::absent_buckets`]).
+    pub absent: String,
+    /// The run's mark that the refresh is done ([`Keyspace::buckets_refreshed`]).
+    pub refreshed: String,
+}
+
+/// Refreshes the batch TTL of every bucket of `layout` and records those absent, unless a
+/// shard of this run already did (then its record is read instead); marks the buckets found
+/// on `writer`, so their writes need no transaction. Returns the absent buckets.
+pub async fn refresh(
+    writer: &PredictionWriter,
+    layout: &BatchLayout,
+    keys: &RefreshKeys,
+    ttl_ms: u64,
+) -> Result<Vec<u32>, RedisError> {
+    let done: i64 = writer
+        .command(&keys.refreshed, redis::cmd("EXISTS").arg(&keys.refreshed))
+        .await?;
+    if done == 1 {
+        let absent = recorded(writer, &keys.absent).await?;
+        writer.assume_refreshed(layout, &absent);
+        return Ok(absent);
+    }
+    let absent = writer.adopt_buckets(layout, 0..layout.buckets()).await?;
+    if !absent.is_empty() {
+        record_absent(writer, &keys.absent, &absent, ttl_ms).await?;
+    }
+    writer.set_with_ttl(&keys.refreshed, "1").await?;
+    Ok(absent)
+}
 
 /// Buckets, or index keys, handled per round trip.
 const CHUNK: usize = 4_096;

@@ -118,9 +118,6 @@ pub struct Scoring {
     pub settled: u64,
     /// Stored predictions withdrawn (see [`DecodedBatch::withdrawn`]).
     pub withdrawn: u64,
-    /// Buckets of the updated generation the TTL refresh found absent (known once the
-    /// refresh is done, at the latest when [`Scoring::finish`] returns).
-    pub absent: Vec<u32>,
 }
 
 impl Scoring {
@@ -151,7 +148,6 @@ impl Scoring {
             carried: 0,
             settled: 0,
             withdrawn: 0,
-            absent: Vec::new(),
         }
     }
 
@@ -363,7 +359,6 @@ impl Scoring {
                 "buckets of the updated generation were absent (empty, evicted or expired)"
             );
         }
-        self.absent = absent;
         Ok(())
     }
 

@@ -329,8 +329,8 @@ impl PredictionWriter {
     }
 
     /// Sets the batch TTL again on `share` of `layout`'s buckets (an incremental run, so the
-    /// predictions it carries live as long as those it writes; each shard takes its share,
-    /// so the run refreshes each bucket once). Buckets found are marked as having their
+    /// predictions it carries live as long as those it writes). Buckets found are marked as
+    /// having their
     /// TTL, so their writes need no transaction (others get theirs with their first write);
     /// returns the buckets that were missing (evicted, expired, or never written).
     pub async fn adopt_buckets(
@@ -364,6 +364,23 @@ impl PredictionWriter {
             }
         }
         Ok(missing)
+    }
+
+    /// Marks every bucket of `layout` but `absent` as having its TTL, as another shard of
+    /// the run found them when it refreshed them all ([`super::repair::refresh`]), so their
+    /// writes need no transaction.
+    pub fn assume_refreshed(&self, layout: &BatchLayout, absent: &[u32]) {
+        let mut expiring = self
+            .expiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        expiring.clear();
+        expiring.resize(layout.buckets() as usize, true);
+        for &bucket in absent {
+            if let Some(slot) = expiring.get_mut(bucket as usize) {
+                *slot = false;
+            }
+        }
     }
 
     /// Reads the stored values of `fields` (bucket, entity id) of `layout`: one `HMGET` per
