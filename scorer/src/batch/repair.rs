@@ -17,7 +17,8 @@
 //!    refresh (or the mark) is done, so the first refresh to finish saw every bucket before
 //!    any write of the run could recreate it: a bucket evicted, then recreated by another
 //!    shard's write of one changed entity, is still recorded. (Refreshing only a share of
-//!    the buckets per shard would miss exactly that.)
+//!    the buckets per shard would miss exactly that.) Shards that start together, before
+//!    the mark is set, each refresh every bucket: the price of needing no coordination.
 //! 2. **Repaired by the last shard.** Its entities lie anywhere in the input, so the run's
 //!    last shard (the one that also sweeps removals) reads every row group's fingerprint
 //!    index, picks the row groups listing an entity in an absent bucket (and those whose
