@@ -16,10 +16,11 @@
 //! The index is trusted: a row it vouches for is not read. Predictions are evicted (or
 //! expire) a bucket at a time, and the TTL refresh at the start of every incremental run
 //! finds such buckets, whose entities the run's last shard then scores again
-//! ([`super::repair`]). That trust is only safe if an index never runs ahead of the predictions it describes, so
-//! a row group's index is written only once every prediction write of that group has been
-//! acknowledged ([`IndexGate`]): a run that fails midway leaves the old index, whose stale
-//! fingerprints make the next run rescore those rows, never a new index over old values.
+//! ([`super::repair`]). That trust is only safe if an index never runs ahead of the
+//! predictions it describes, so a row group's index is written only once every prediction
+//! write of that group has been acknowledged ([`IndexGate`]): a run that fails midway leaves
+//! the old index, whose stale fingerprints make the next run rescore those rows, never a new
+//! index over old values.
 //!
 //! Lookups go by position first: the rows of an unchanged layout come in the order the index
 //! was written, so row *k* of a group is usually pair *k*; only when that pair names another
