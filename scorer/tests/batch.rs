@@ -1152,12 +1152,10 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
         stderr(&shard1)
     );
     assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
-    let ks = Keyspace::new("ml/churn", "3");
-    let recorded: bool = conn
-        .exists(ks.absent_buckets("g-full"))
-        .await
-        .expect("exists");
-    assert!(!recorded, "the repaired buckets are forgotten");
+    assert!(
+        !absent_recorded(&mut conn, "g-full").await,
+        "the repaired buckets are forgotten"
+    );
     for bucket in evicted {
         let ttl: i64 = conn.pttl(layout.bucket_key(bucket)).await.expect("pttl");
         assert!(
@@ -1207,12 +1205,15 @@ async fn an_absent_bucket_no_entity_of_the_input_falls_in_is_not_repaired() {
         "the indexes rule the bucket out: {log}"
     );
     assert!(!log.contains("scoring their entities again"), "{log}");
+    assert!(!absent_recorded(&mut conn, "g-full").await, "forgotten");
+}
+
+/// Whether `generation` has absent buckets recorded for a repair.
+async fn absent_recorded(conn: &mut redis::aio::MultiplexedConnection, generation: &str) -> bool {
     let ks = Keyspace::new("ml/churn", "3");
-    let recorded: bool = conn
-        .exists(ks.absent_buckets("g-full"))
+    conn.exists(ks.absent_buckets(generation))
         .await
-        .expect("exists");
-    assert!(!recorded, "forgotten");
+        .expect("exists")
 }
 
 /// A row group over `--max-group-mib` (0 here: every one) is streamed to a spool file and

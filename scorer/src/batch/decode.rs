@@ -430,7 +430,7 @@ async fn decode_unit(
         let gone = index.unmatched();
         if !gone.is_empty() {
             let key = plan.keyspace.removal_candidates(&plan.generation);
-            removal::record_candidates(writer, &key, &gone, plan.ttl_ms)
+            removal::record_candidates(writer, &key, &gone)
                 .await
                 .map_err(|source| BatchError::Redis {
                     during: "recording entities gone from a row group",

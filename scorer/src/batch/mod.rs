@@ -636,7 +636,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             absent: absent_key.clone(),
             refreshed: keyspace.buckets_refreshed(&args.generation),
         };
-        tokio::spawn(async move { repair::refresh(&writer, &layout, &keys, ttl_ms).await })
+        tokio::spawn(async move { repair::refresh(&writer, &layout, &keys).await })
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);

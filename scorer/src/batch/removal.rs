@@ -76,28 +76,15 @@ pub fn orphans(old: &[usize], new: &[usize]) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Adds `entities` to the candidate set at `key` (with the batch TTL, in one transaction so
-/// the set never lives without it).
+/// Adds `entities` to the candidate set at `key` (8-byte little-endian members, with the
+/// batch TTL).
 pub async fn record_candidates(
     writer: &PredictionWriter,
     key: &str,
     entities: &[u64],
-    ttl_ms: u64,
 ) -> Result<(), RedisError> {
-    for chunk in entities.chunks(CHUNK) {
-        let mut add = redis::cmd("EVAL");
-        add.arg(
-            "redis.call('SADD', KEYS[1], unpack(ARGV, 2)); return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
-        )
-        .arg(1)
-        .arg(key)
-        .arg(ttl_ms);
-        for entity in chunk {
-            add.arg(&entity.to_le_bytes()[..]);
-        }
-        let _: i64 = writer.command(key, &add).await?;
-    }
-    Ok(())
+    let members: Vec<[u8; 8]> = entities.iter().map(|e| e.to_le_bytes()).collect();
+    writer.add_to_set(key, &members).await
 }
 
 /// Records shard `shard` in the done hash at `done_key` (with what it wrote) unless every

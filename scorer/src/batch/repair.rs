@@ -52,7 +52,6 @@ pub async fn refresh(
     writer: &PredictionWriter,
     layout: &BatchLayout,
     keys: &RefreshKeys,
-    ttl_ms: u64,
 ) -> Result<Vec<u32>, RedisError> {
     let done: i64 = writer
         .command(&keys.refreshed, redis::cmd("EXISTS").arg(&keys.refreshed))
@@ -64,40 +63,23 @@ pub async fn refresh(
     }
     let absent = writer.adopt_buckets(layout, 0..layout.buckets()).await?;
     if !absent.is_empty() {
-        record_absent(writer, &keys.absent, &absent, ttl_ms).await?;
+        record_absent(writer, &keys.absent, &absent).await?;
     }
     writer.set_with_ttl(&keys.refreshed, "1").await?;
     Ok(absent)
 }
 
-/// Buckets, or index keys, handled per round trip.
-const CHUNK: usize = 4_096;
-
 /// Row group indexes read per round trip (about 1 MiB each for 64Ki rows).
 const INDEXES_PER_READ: usize = 8;
 
-/// Adds `buckets` to the set at `key` (with the batch TTL, in one script so the set never
-/// lives without it).
+/// Adds `buckets` to the set at `key` (4-byte little-endian members, with the batch TTL).
 pub async fn record_absent(
     writer: &PredictionWriter,
     key: &str,
     buckets: &[u32],
-    ttl_ms: u64,
 ) -> Result<(), RedisError> {
-    for chunk in buckets.chunks(CHUNK) {
-        let mut add = redis::cmd("EVAL");
-        add.arg(
-            "redis.call('SADD', KEYS[1], unpack(ARGV, 2)); return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
-        )
-        .arg(1)
-        .arg(key)
-        .arg(ttl_ms);
-        for bucket in chunk {
-            add.arg(&bucket.to_le_bytes()[..]);
-        }
-        let _: i64 = writer.command(key, &add).await?;
-    }
-    Ok(())
+    let members: Vec<[u8; 4]> = buckets.iter().map(|b| b.to_le_bytes()).collect();
+    writer.add_to_set(key, &members).await
 }
 
 /// The buckets recorded at `key` (members that are not 4-byte bucket numbers are ignored).

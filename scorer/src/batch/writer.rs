@@ -524,6 +524,29 @@ impl PredictionWriter {
         self.command(key, &set).await
     }
 
+    /// Adds `members` (binary) to the set at `key` with the batch TTL: one script per 4Ki
+    /// members, each adding and setting the TTL at once, so the set never lives without it.
+    pub async fn add_to_set<const N: usize>(
+        &self,
+        key: &str,
+        members: &[[u8; N]],
+    ) -> Result<(), RedisError> {
+        for chunk in members.chunks(4_096) {
+            let mut add = redis::cmd("EVAL");
+            add.arg(
+                "redis.call('SADD', KEYS[1], unpack(ARGV, 2)); return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
+            )
+            .arg(1)
+            .arg(key)
+            .arg(self.ttl_ms);
+            for member in chunk {
+                add.arg(&member[..]);
+            }
+            let _: i64 = self.command(key, &add).await?;
+        }
+        Ok(())
+    }
+
     /// Runs one command on the node owning `key` (single Redis: the only one).
     pub async fn command<T: redis::FromRedisValue>(
         &self,
