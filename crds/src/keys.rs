@@ -144,6 +144,13 @@ impl Keyspace {
         format!("{}g:{generation}:done", self.base)
     }
 
+    /// What each shard of `generation` did beyond writing predictions, for the operator's
+    /// `status.lastBatch`: fields `{what}:{shard}` (`carried`, `removed`, `repaired`) → a
+    /// count. A retried shard overwrites its own fields, so sums stay exact.
+    pub fn run_report(&self, generation: &str) -> String {
+        format!("{}g:{generation}:report", self.base)
+    }
+
     /// The set of entities (8-byte entity hashes) that incremental runs updating
     /// `generation` found in a row group's fingerprint index but not in the row group: gone
     /// from the input, or moved to another row group; the run's last shard sorts them out.
@@ -585,6 +592,7 @@ mod tests {
         assert_eq!(ks.removal_candidates("G"), "mr:ml/churn:3:g:G:gone");
         assert_eq!(ks.index_listing("G"), "mr:ml/churn:3:g:G:listing");
         assert_eq!(ks.absent_buckets("G"), "mr:ml/churn:3:g:G:absent");
+        assert_eq!(ks.run_report("G"), "mr:ml/churn:3:g:G:report");
         assert_eq!(ks.buckets_refreshed("G"), "mr:ml/churn:3:g:G:refreshed");
         assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
         assert_eq!(ks.activity(7), "mr:ml/churn:3:activity:{ml/churn:3}:7");

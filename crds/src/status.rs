@@ -64,9 +64,19 @@ pub struct BatchRunStatus {
     /// When the Job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
-    /// Predictions written, when the shards reported it.
+    /// Predictions written, when the shards reported it (an incremental run: those it
+    /// computed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictions: Option<i64>,
+    /// Predictions an incremental run kept, their entities' features unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<i64>,
+    /// Predictions an incremental run removed, their entities gone from the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<i64>,
+    /// Predictions an incremental run wrote again, their buckets evicted or expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<i64>,
     /// Whether every shard succeeded and the generation was published.
     pub succeeded: bool,
 }

@@ -470,7 +470,12 @@ async fn record_batch(
             );
             let report = ctx
                 .redis
-                .shard_report(&url, cluster, &keyspace.shards_done(&generation))
+                .shard_report(
+                    &url,
+                    cluster,
+                    &keyspace.shards_done(&generation),
+                    &keyspace.run_report(&generation),
+                )
                 .await?;
             let shards = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(1) as usize;
             if report.shards >= shards {
@@ -479,7 +484,7 @@ async fn record_batch(
                     .await?;
                 info!(%generation, predictions = report.predictions, "published a batch generation");
                 BatchUpdate {
-                    run: run_status(job, true, Some(report.predictions)),
+                    run: run_status(job, true, Some(&report)),
                     published: Some(generation.clone()),
                     reason: "Published".into(),
                     message: format!(
@@ -489,7 +494,7 @@ async fn record_batch(
                 }
             } else {
                 BatchUpdate {
-                    run: run_status(job, false, Some(report.predictions)),
+                    run: run_status(job, false, Some(&report)),
                     published: None,
                     reason: "ShardsUnconfirmed".into(),
                     message: format!(

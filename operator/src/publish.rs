@@ -7,6 +7,8 @@ use kube::ResourceExt;
 use millrace_crds::InferenceDeployment;
 use millrace_crds::status::BatchRunStatus;
 
+use crate::redis_store::ShardReport;
+
 /// How a finished batch Job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -68,8 +70,8 @@ pub fn next_to_record<'a>(
     (Some(latest.0.name_any().as_str()) != recorded).then_some(latest)
 }
 
-/// The `status.lastBatch` entry for `job`.
-pub fn run_status(job: &Job, succeeded: bool, predictions: Option<i64>) -> BatchRunStatus {
+/// The `status.lastBatch` entry for `job`, with what its shards reported (if they did).
+pub fn run_status(job: &Job, succeeded: bool, report: Option<&ShardReport>) -> BatchRunStatus {
     let status = job.status.clone().unwrap_or_default();
     BatchRunStatus {
         generation: job.name_any(),
@@ -83,7 +85,10 @@ pub fn run_status(job: &Job, succeeded: bool, predictions: Option<i64>) -> Batch
                 .find(|c| c.type_ == "Failed")
                 .and_then(|c| c.last_transition_time)
         }),
-        predictions,
+        predictions: report.map(|r| r.predictions),
+        carried: report.and_then(|r| r.carried),
+        removed: report.and_then(|r| r.removed),
+        repaired: report.and_then(|r| r.repaired),
         succeeded,
     }
 }

@@ -30,13 +30,37 @@ pub struct RedisStore {
     connections: Mutex<HashMap<(String, bool), Connection>>,
 }
 
-/// The shards of one generation that recorded completion, and the predictions they wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The shards of one generation that recorded completion, and what they did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ShardReport {
     /// Distinct shard indexes that finished.
     pub shards: usize,
     /// Predictions written by those shards together.
     pub predictions: i64,
+    /// Predictions kept unchanged (incremental), when the shards reported it.
+    pub carried: Option<i64>,
+    /// Predictions removed (incremental), when reported.
+    pub removed: Option<i64>,
+    /// Predictions written again for evicted buckets (incremental), when reported.
+    pub repaired: Option<i64>,
+}
+
+impl ShardReport {
+    /// Adds a run report's fields (`{what}:{shard}` → count,
+    /// [`millrace_crds::keys::Keyspace::run_report`]); fields it does not know (a newer
+    /// scorer's) are ignored, and a report absent (an older scorer) leaves `None`.
+    pub fn with_run_report(mut self, report: &HashMap<String, i64>) -> Self {
+        for (field, count) in report {
+            let total = match field.split_once(':').map(|(what, _)| what) {
+                Some("carried") => &mut self.carried,
+                Some("removed") => &mut self.removed,
+                Some("repaired") => &mut self.repaired,
+                _ => continue,
+            };
+            *total = Some(total.unwrap_or(0) + count);
+        }
+        self
+    }
 }
 
 impl RedisStore {
@@ -85,21 +109,30 @@ impl RedisStore {
             .collect())
     }
 
-    /// Reads the shard completion hash `key` (shard index → predictions written).
+    /// Reads the shard completion hash `done_key` (shard index → predictions written) and
+    /// the run report `report_key` beside it.
     pub async fn shard_report(
         &self,
         url: &str,
         cluster: bool,
-        key: &str,
+        done_key: &str,
+        report_key: &str,
     ) -> RedisResult<ShardReport> {
-        let counts: HashMap<String, i64> = match self.connection(url, cluster).await? {
-            Connection::Single(mut c) => c.hgetall(key).await?,
-            Connection::Cluster(mut c) => c.hgetall(key).await?,
+        let (counts, report): (HashMap<String, i64>, HashMap<String, i64>) = match self
+            .connection(url, cluster)
+            .await?
+        {
+            Connection::Single(mut c) => (c.hgetall(done_key).await?, c.hgetall(report_key).await?),
+            Connection::Cluster(mut c) => {
+                (c.hgetall(done_key).await?, c.hgetall(report_key).await?)
+            }
         };
         Ok(ShardReport {
             shards: counts.len(),
             predictions: counts.values().sum(),
-        })
+            ..ShardReport::default()
+        }
+        .with_run_report(&report))
     }
 
     /// Points scorers at `generation`: one `SET` of the serving pointer.
@@ -208,4 +241,34 @@ async fn cluster_masters(seed: &str) -> RedisResult<Vec<String>> {
         }
     }
     Ok(masters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_report_is_summed_per_count_and_unknown_fields_are_ignored() {
+        let report: HashMap<String, i64> = [
+            ("carried:0", 10),
+            ("carried:1", 5),
+            ("removed:1", 2),
+            ("repaired:0", 0),
+            ("something-newer:0", 99),
+            ("no-shard", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let summed = ShardReport::default().with_run_report(&report);
+        assert_eq!(
+            (summed.carried, summed.removed, summed.repaired),
+            (Some(15), Some(2), Some(0))
+        );
+        let none = ShardReport::default().with_run_report(&HashMap::new());
+        assert_eq!(
+            (none.carried, none.removed, none.repaired),
+            (None, None, None)
+        );
+    }
 }

@@ -78,9 +78,24 @@ async fn a_run_whose_shards_all_confirmed_is_published() {
             .set(keyspace.serving_pointer(), "older-generation")
             .await
             .expect("set");
-        // What the two batch shards record as they finish (the batch issue's job).
+        // What the two batch shards record as they finish (the batch issue's job), an
+        // incremental run's report beside it.
         let _: () = r
             .hset_multiple(keyspace.shards_done(&generation), &[("0", 600), ("1", 400)])
+            .await
+            .expect("hset");
+        let _: () = r
+            .hset_multiple(
+                keyspace.run_report(&generation),
+                &[
+                    ("carried:0", 9_000),
+                    ("carried:1", 8_000),
+                    ("removed:1", 3),
+                    ("repaired:0", 0),
+                    ("repaired:1", 65),
+                    ("a-newer-count:1", 7),
+                ],
+            )
             .await
             .expect("hset");
 
@@ -102,6 +117,11 @@ async fn a_run_whose_shards_all_confirmed_is_published() {
         let last = status.last_batch.expect("lastBatch");
         assert!(last.succeeded);
         assert_eq!(last.predictions, Some(1000));
+        assert_eq!(
+            (last.carried, last.removed, last.repaired),
+            (Some(17_000), Some(3), Some(65)),
+            "the shards' reports, summed"
+        );
         assert_eq!(last.job_name.as_deref(), Some(generation.as_str()));
         assert!(last.completion_time.is_some());
         assert_eq!(
@@ -157,6 +177,16 @@ async fn a_run_with_an_unconfirmed_shard_is_not_published() {
                 .as_ref()
                 .and_then(|s| s.serving_generation.clone()),
             None
+        );
+        let last = refused
+            .status
+            .as_ref()
+            .and_then(|s| s.last_batch.clone())
+            .expect("lastBatch");
+        assert_eq!(
+            (last.predictions, last.carried, last.repaired),
+            (Some(600), None, None),
+            "a full run reports no incremental counts"
         );
         let pointer: String = r.get(keyspace.serving_pointer()).await.expect("get");
         assert_eq!(

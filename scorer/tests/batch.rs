@@ -1152,6 +1152,20 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
         stderr(&shard1)
     );
     assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
+    // What the operator puts in status.lastBatch: each shard's counts.
+    let ks = Keyspace::new("ml/churn", "3");
+    let report: HashMap<String, u64> = conn.hgetall(ks.run_report("g-inc")).await.expect("report");
+    let carried = summary_field(&shard0, "carried") + summary_field(&shard1, "carried");
+    assert_eq!(
+        (
+            report["carried:0"] + report["carried:1"],
+            report["repaired:0"],
+            report["repaired:1"],
+            report["removed:1"],
+        ),
+        (carried, 0, unchanged_in_evicted, 0),
+        "{report:?}"
+    );
     assert!(
         !absent_recorded(&mut conn, "g-full").await,
         "the repaired buckets are forgotten"

@@ -750,6 +750,25 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     // counts shards, and an idle shard is a finished one. The last shard first removes what
     // the input no longer has (removal module docs), so the run is published with it.
     let done_key = keyspace.shards_done(&args.generation);
+    let report_key = keyspace.run_report(&args.generation);
+    let report = |removed: u64, repaired: u64| {
+        let counts = [
+            ("carried", carried),
+            ("removed", removed),
+            ("repaired", repaired),
+        ];
+        let (writer, key, shard) = (&writer, &report_key, args.shard_index);
+        async move {
+            removal::record_report(writer, key, shard, &counts, ttl_ms)
+                .await
+                .map_err(redis("recording what the shard did"))
+        }
+    };
+    // An incremental run's report, before the shard can count as done: the operator reads
+    // it once all are.
+    if base.is_some() {
+        report(0, 0).await?;
+    }
     let last = removal::finish(
         &writer,
         &done_key,
@@ -791,6 +810,9 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                     .await
                     .map_err(redis("recording the input's layout"))?
             }
+        }
+        if base.is_some() {
+            report(removed, repaired).await?;
         }
         removal::record_done(&writer, &done_key, args.shard_index, written, ttl_ms)
             .await
