@@ -128,9 +128,16 @@ async fn compute_sleeps_at_zero_and_wakes_on_the_first_misses_without_a_failed_r
             if answer.source == "realtime" && answer.degraded.is_empty() {
                 break answer;
             }
+            // The first miss finds the tier asleep (no endpoints) and says so; once it is
+            // waking, a call to a pod still starting may instead run out of the latency
+            // budget on a loaded machine, which is marked as such: degraded either way.
+            let marks: &[&str] = match degraded {
+                0 => &["compute_unavailable"],
+                _ => &["compute_unavailable", "latency_budget"],
+            };
             assert!(
-                answer.degraded.iter().any(|d| d == "compute_unavailable"),
-                "a miss while compute sleeps is marked: {answer:?}"
+                answer.degraded.iter().any(|d| marks.contains(&d.as_str())),
+                "a miss while compute sleeps or wakes is marked: {answer:?}"
             );
             degraded += 1;
             assert!(Instant::now() < deadline, "the compute tier never woke up");
