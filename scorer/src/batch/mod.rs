@@ -759,7 +759,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         ];
         let (writer, key, shard) = (&writer, &report_key, args.shard_index);
         async move {
-            removal::record_report(writer, key, shard, &counts, ttl_ms)
+            removal::record_report(writer, key, shard, &counts)
                 .await
                 .map_err(redis("recording what the shard did"))
         }
@@ -814,7 +814,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         if base.is_some() {
             report(removed, repaired).await?;
         }
-        removal::record_done(&writer, &done_key, args.shard_index, written, ttl_ms)
+        removal::record_done(&writer, &done_key, args.shard_index, written)
             .await
             .map_err(redis("recording the shard as done"))?;
     }

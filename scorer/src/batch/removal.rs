@@ -120,40 +120,25 @@ pub async fn record_done(
     done_key: &str,
     shard: usize,
     written: u64,
-    ttl_ms: u64,
 ) -> Result<(), RedisError> {
-    let mut record = redis::cmd("EVAL");
-    record
-        .arg("redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); return redis.call('PEXPIRE', KEYS[1], ARGV[3])")
-        .arg(1)
-        .arg(done_key)
-        .arg(shard)
-        .arg(written)
-        .arg(ttl_ms);
-    let _: i64 = writer.command(done_key, &record).await?;
-    Ok(())
+    writer
+        .hset_with_ttl(done_key, &[(shard.to_string(), written)])
+        .await
 }
 
 /// Records what shard `shard` did beyond writing predictions in the run report at `key`
-/// (fields `{what}:{shard}`, with the batch TTL, in one script), for the operator's status.
+/// (fields `{what}:{shard}`, with the batch TTL), for the operator's status.
 pub async fn record_report(
     writer: &PredictionWriter,
     key: &str,
     shard: usize,
     counts: &[(&str, u64)],
-    ttl_ms: u64,
 ) -> Result<(), RedisError> {
-    let mut record = redis::cmd("EVAL");
-    record
-        .arg("redis.call('HSET', KEYS[1], unpack(ARGV, 2)); return redis.call('PEXPIRE', KEYS[1], ARGV[1])")
-        .arg(1)
-        .arg(key)
-        .arg(ttl_ms);
-    for (what, count) in counts {
-        record.arg(format!("{what}:{shard}")).arg(count);
-    }
-    let _: i64 = writer.command(key, &record).await?;
-    Ok(())
+    let fields: Vec<(String, u64)> = counts
+        .iter()
+        .map(|(what, count)| (format!("{what}:{shard}"), *count))
+        .collect();
+    writer.hset_with_ttl(key, &fields).await
 }
 
 /// Records `listing` as the layout of `generation`'s indexes (a full run's last shard).

@@ -547,6 +547,26 @@ impl PredictionWriter {
         Ok(())
     }
 
+    /// Sets `fields` of the hash at `key` and gives it the batch TTL, in one script so the
+    /// hash never lives without it.
+    pub async fn hset_with_ttl(
+        &self,
+        key: &str,
+        fields: &[(String, u64)],
+    ) -> Result<(), RedisError> {
+        let mut record = redis::cmd("EVAL");
+        record
+            .arg("redis.call('HSET', KEYS[1], unpack(ARGV, 2)); return redis.call('PEXPIRE', KEYS[1], ARGV[1])")
+            .arg(1)
+            .arg(key)
+            .arg(self.ttl_ms);
+        for (field, value) in fields {
+            record.arg(field).arg(value);
+        }
+        let _: i64 = self.command(key, &record).await?;
+        Ok(())
+    }
+
     /// Runs one command on the node owning `key` (single Redis: the only one).
     pub async fn command<T: redis::FromRedisValue>(
         &self,
