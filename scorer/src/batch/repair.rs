@@ -61,7 +61,7 @@ pub async fn refresh(
         writer.assume_refreshed(layout, &absent);
         return Ok(absent);
     }
-    let absent = writer.adopt_buckets(layout, 0..layout.buckets()).await?;
+    let absent = writer.adopt_buckets(layout).await?;
     if !absent.is_empty() {
         record_absent(writer, &keys.absent, &absent).await?;
     }

@@ -328,19 +328,15 @@ impl PredictionWriter {
         Ok(out)
     }
 
-    /// Sets the batch TTL again on `share` of `layout`'s buckets (an incremental run, so the
+    /// Sets the batch TTL again on every bucket of `layout` (an incremental run, so the
     /// predictions it carries live as long as those it writes). Buckets found are marked as
-    /// having their
-    /// TTL, so their writes need no transaction (others get theirs with their first write);
-    /// returns the buckets that were missing (evicted, expired, or never written).
-    pub async fn adopt_buckets(
-        &self,
-        layout: &BatchLayout,
-        share: impl Iterator<Item = u32>,
-    ) -> Result<Vec<u32>, RedisError> {
+    /// having their TTL, so their writes need no transaction (others get theirs with their
+    /// first write); returns the buckets that were missing (evicted, expired, or never
+    /// written).
+    pub async fn adopt_buckets(&self, layout: &BatchLayout) -> Result<Vec<u32>, RedisError> {
         let mut missing = Vec::new();
-        let share: Vec<u32> = share.collect();
-        for chunk in share.chunks(4096) {
+        let buckets: Vec<u32> = (0..layout.buckets()).collect();
+        for chunk in buckets.chunks(4096) {
             let keys: Vec<String> = chunk.iter().map(|&b| layout.bucket_key(b)).collect();
             let replies = self
                 .per_node(&keys, |pipe, i| {
