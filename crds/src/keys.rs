@@ -173,6 +173,14 @@ impl Keyspace {
         format!("{}g:{generation}:refreshed", self.base)
     }
 
+    /// The claim of the one shard of the incremental run `generation` that refreshes the
+    /// buckets' TTL while the others wait for [`Keyspace::buckets_refreshed`]: a string
+    /// naming the shard, with a short TTL its holder keeps renewing (a shard that dies
+    /// lets it lapse, and another takes over).
+    pub fn refresh_claim(&self, generation: &str) -> String {
+        format!("{}g:{generation}:refreshing", self.base)
+    }
+
     /// The input layout whose fingerprint indexes `generation` holds (row groups per file,
     /// in listing order), so a run reading fewer files or row groups knows which indexes
     /// describe rows it no longer reads.
@@ -594,6 +602,7 @@ mod tests {
         assert_eq!(ks.absent_buckets("G"), "mr:ml/churn:3:g:G:absent");
         assert_eq!(ks.run_report("G"), "mr:ml/churn:3:g:G:report");
         assert_eq!(ks.buckets_refreshed("G"), "mr:ml/churn:3:g:G:refreshed");
+        assert_eq!(ks.refresh_claim("G"), "mr:ml/churn:3:g:G:refreshing");
         assert_eq!(ks.traffic(), "mr:ml/churn:3:traffic");
         assert_eq!(ks.activity(7), "mr:ml/churn:3:activity:{ml/churn:3}:7");
         assert_eq!(

@@ -1184,6 +1184,122 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
     assert_eq!(summary_fields(&out, ["repaired", "computed"]), [0, 0]);
 }
 
+/// Calls of `command` Redis has served since its statistics were last reset.
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The shards of an Indexed Job start together: one refreshes the buckets' TTL (and finds
+/// those evicted) while the others wait for it, instead of each refreshing every bucket.
+/// The evicted buckets are still found before any write, and repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_started_together_refresh_the_buckets_once() {
+    let day1 = 8000;
+    let everyone: Vec<usize> = (0..day1).collect();
+    let (setup, server, mut conn) = day1_published(day1, &everyone, 500, 256).await;
+    let layout = layout_of(&mut conn, "g-full").await;
+    let bucket_of = |i: usize| layout.bucket_of_hash(entity_hash(&format!("e{i}")));
+    let evicted = [bucket_of(5), bucket_of(6)];
+    for bucket in evicted {
+        let _: i64 = conn.del(layout.bucket_key(bucket)).await.expect("evict");
+    }
+    let unchanged_in_evicted = (0..day1)
+        .filter(|&i| evicted.contains(&bucket_of(i)) && !changed(i))
+        .count() as u64;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .expect("reset");
+
+    let shards = 4;
+    let cfg = config_file(
+        setup.dir.path(),
+        &setup.incremental("day2", 256, shards as i32),
+    );
+    let running: Vec<_> = (0..shards)
+        .map(|index| {
+            batch_command(&cfg, &server.url(), "g-inc", shards, index)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn shard")
+        })
+        .collect();
+    let outs: Vec<Output> = running
+        .into_iter()
+        .map(|child| child.wait_with_output().expect("shard"))
+        .collect();
+    let repaired: u64 = outs.iter().map(|out| summary_field(out, "repaired")).sum();
+    assert_eq!(
+        repaired, unchanged_in_evicted,
+        "the evicted buckets' entities"
+    );
+    assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
+
+    // One PEXPIRE per bucket, plus a few per shard (the run's records, the repaired
+    // buckets' first writes); each shard refreshing every bucket made it 4 per bucket.
+    let buckets = u64::from(layout.buckets());
+    let pexpires = command_calls(&mut conn, "pexpire").await;
+    assert!(
+        pexpires >= buckets && pexpires < 2 * buckets,
+        "{pexpires} PEXPIREs for {buckets} buckets and {shards} shards"
+    );
+    let ks = Keyspace::new("ml/churn", "3");
+    let claim_left: bool = conn
+        .exists(ks.refresh_claim("g-inc"))
+        .await
+        .expect("exists");
+    assert!(!claim_left, "the claim is released once the mark is set");
+    let waited = outs
+        .iter()
+        .filter(|out| stderr(out).contains("another shard refreshes the buckets' TTL"))
+        .count();
+    assert!(waited < shards, "one shard refreshed");
+}
+
+/// A shard that claimed the refresh and died (its claim still there, no mark): the next
+/// shard waits for the claim to lapse, then refreshes itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_claim_on_the_refresh_is_taken_over() {
+    let day1 = 600;
+    let everyone: Vec<usize> = (0..day1).collect();
+    let (setup, server, mut conn) = day1_published(day1, &everyone, 100, 64).await;
+    let layout = layout_of(&mut conn, "g-full").await;
+    let evicted = layout.bucket_of_hash(entity_hash("e5"));
+    let _: i64 = conn.del(layout.bucket_key(evicted)).await.expect("evict");
+    let ks = Keyspace::new("ml/churn", "3");
+    let _: () = redis::cmd("SET")
+        .arg(ks.refresh_claim("g-inc"))
+        .arg("shard 1 (a pod that died)")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut conn)
+        .await
+        .expect("claim");
+
+    let started = Instant::now();
+    let out = run_one(&setup, &server, &setup.incremental("day2", 64, 1), "g-inc");
+    let log = stderr(&out);
+    assert!(started.elapsed() >= Duration::from_millis(1400), "{log}");
+    assert!(log.contains("shard 1 (a pod that died)"), "{log}");
+    assert!(log.contains("this shard takes over"), "{log}");
+    assert!(
+        summary_field(&out, "repaired") > 0,
+        "the eviction was found: {log}"
+    );
+    assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
+}
+
 /// A bucket absent because none of the input's entities falls in it any more (all gone
 /// from the input): the indexes say so, and nothing is decoded again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

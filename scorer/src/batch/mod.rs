@@ -635,6 +635,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         let keys = repair::RefreshKeys {
             absent: absent_key.clone(),
             refreshed: keyspace.buckets_refreshed(&args.generation),
+            claim: keyspace.refresh_claim(&args.generation),
+            holder: format!(
+                "shard {} ({})",
+                args.shard_index,
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "no HOSTNAME".into())
+            ),
         };
         tokio::spawn(async move { repair::refresh(&writer, &layout, &keys).await })
     });

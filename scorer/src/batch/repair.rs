@@ -17,8 +17,13 @@
 //!    refresh (or the mark) is done, so the first refresh to finish saw every bucket before
 //!    any write of the run could recreate it: a bucket evicted, then recreated by another
 //!    shard's write of one changed entity, is still recorded. (Refreshing only a share of
-//!    the buckets per shard would miss exactly that.) Shards that start together, before
-//!    the mark is set, each refresh every bucket: the price of needing no coordination.
+//!    the buckets per shard would miss exactly that.) The shards of an Indexed Job start
+//!    together, before any mark is set, so one of them claims the refresh
+//!    ([`Keyspace::refresh_claim`], `SET NX` with a short TTL it keeps renewing) and the
+//!    others wait for the mark, decoding meanwhile: one `PEXPIRE` per bucket per run,
+//!    where each shard refreshing every bucket itself made it one per bucket per shard (16
+//!    shards over 100M entities: 25M commands on Redis at once, where 1.6M do). A claim
+//!    whose holder died lapses within [`CLAIM_MS`], and a waiting shard takes over.
 //! 2. **Repaired by the last shard.** Its entities lie anywhere in the input, so the run's
 //!    last shard (the one that also sweeps removals) reads every row group's fingerprint
 //!    index, picks the row groups listing an entity in an absent bucket (and those whose
@@ -29,8 +34,11 @@
 //!
 //! A run where no bucket was absent (the usual case) does none of this.
 
+use std::time::Duration;
+
 use millrace_crds::keys::{BatchLayout, Keyspace};
 use redis::RedisError;
+use tracing::info;
 
 use super::index;
 use super::shard::Unit;
@@ -43,29 +51,105 @@ pub struct RefreshKeys {
     pub absent: String,
     /// The run's mark that the refresh is done ([`Keyspace::buckets_refreshed`]).
     pub refreshed: String,
+    /// The run's claim on the refresh ([`Keyspace::refresh_claim`]).
+    pub claim: String,
+    /// Who this shard is, as the claim names it in the other shards' logs (shard and pod).
+    pub holder: String,
 }
 
+/// How long a claim on the refresh lives unless its holder renews it: how long the other
+/// shards wait for one that died before one of them takes over.
+pub const CLAIM_MS: u64 = 10_000;
+
+/// How often the holder renews its claim: a third of its life, so a slow round trip or two
+/// does not let it lapse.
+const CLAIM_RENEWAL: Duration = Duration::from_millis(CLAIM_MS / 3);
+
+/// The first wait between two looks for the mark: a small generation is refreshed in
+/// milliseconds.
+const FIRST_LOOK: Duration = Duration::from_millis(20);
+
+/// The longest wait between two looks: a large generation takes seconds, and each look
+/// costs two round trips.
+const LONGEST_LOOK: Duration = Duration::from_millis(500);
+
 /// Refreshes the batch TTL of every bucket of `layout` and records those absent, unless a
-/// shard of this run already did (then its record is read instead); marks the buckets found
-/// on `writer`, so their writes need no transaction. Returns the absent buckets.
+/// shard of this run already did (then its record is read instead) or is doing it (then
+/// this one waits for it, or takes over if its claim lapses); marks the buckets found on
+/// `writer`, so their writes need no transaction. Returns the absent buckets.
 pub async fn refresh(
     writer: &PredictionWriter,
     layout: &BatchLayout,
     keys: &RefreshKeys,
 ) -> Result<Vec<u32>, RedisError> {
-    let done: i64 = writer
-        .command(&keys.refreshed, redis::cmd("EXISTS").arg(&keys.refreshed))
+    let mut look = FIRST_LOOK;
+    let mut waited_for: Option<String> = None;
+    loop {
+        let done: i64 = writer
+            .command(&keys.refreshed, redis::cmd("EXISTS").arg(&keys.refreshed))
+            .await?;
+        if done == 1 {
+            let absent = recorded(writer, &keys.absent).await?;
+            writer.assume_refreshed(layout, &absent);
+            return Ok(absent);
+        }
+        let mut claim = redis::cmd("SET");
+        claim
+            .arg(&keys.claim)
+            .arg(&keys.holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(CLAIM_MS);
+        let claimed: Option<String> = writer.command(&keys.claim, &claim).await?;
+        if claimed.is_some() {
+            if let Some(holder) = waited_for {
+                info!(%holder, "the claim on the TTL refresh lapsed (did its shard die?): this shard takes over");
+            }
+            return refresh_claimed(writer, layout, keys).await;
+        }
+        if waited_for.is_none() {
+            let holder: Option<String> = writer
+                .command(&keys.claim, redis::cmd("GET").arg(&keys.claim))
+                .await?;
+            let holder = holder.unwrap_or_default();
+            info!(%holder, "another shard refreshes the buckets' TTL: its first write waits for it");
+            waited_for = Some(holder);
+        }
+        tokio::time::sleep(look).await;
+        look = (look * 2).min(LONGEST_LOOK);
+    }
+}
+
+/// The refresh itself, by the shard holding the claim: renewed while it runs, released once
+/// the mark is set (not before: a shard finding neither would refresh again).
+async fn refresh_claimed(
+    writer: &PredictionWriter,
+    layout: &BatchLayout,
+    keys: &RefreshKeys,
+) -> Result<Vec<u32>, RedisError> {
+    let refreshing = async {
+        let absent = writer.adopt_buckets(layout).await?;
+        if !absent.is_empty() {
+            record_absent(writer, &keys.absent, &absent).await?;
+        }
+        writer.set_with_ttl(&keys.refreshed, "1").await?;
+        Ok::<_, RedisError>(absent)
+    };
+    tokio::pin!(refreshing);
+    let mut renewal = tokio::time::interval(CLAIM_RENEWAL);
+    renewal.tick().await; // the first tick is immediate, and the claim is fresh
+    let absent = loop {
+        tokio::select! {
+            absent = &mut refreshing => break absent?,
+            _ = renewal.tick() => {
+                let renew = redis::cmd("PEXPIRE").arg(&keys.claim).arg(CLAIM_MS).clone();
+                let _: i64 = writer.command(&keys.claim, &renew).await?;
+            }
+        }
+    };
+    let _: i64 = writer
+        .command(&keys.claim, redis::cmd("DEL").arg(&keys.claim))
         .await?;
-    if done == 1 {
-        let absent = recorded(writer, &keys.absent).await?;
-        writer.assume_refreshed(layout, &absent);
-        return Ok(absent);
-    }
-    let absent = writer.adopt_buckets(layout).await?;
-    if !absent.is_empty() {
-        record_absent(writer, &keys.absent, &absent).await?;
-    }
-    writer.set_with_ttl(&keys.refreshed, "1").await?;
     Ok(absent)
 }
 
