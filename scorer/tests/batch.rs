@@ -1124,7 +1124,8 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
     let (setup, server, mut conn) = day1_published(day1, &everyone, 100, 64).await;
     let layout = layout_of(&mut conn, "g-full").await;
     let bucket_of = |i: usize| layout.bucket_of_hash(entity_hash(&format!("e{i}")));
-    // Two buckets, one in each shard's share of the TTL refresh (bucket mod 2).
+    // Two buckets (of different parity: a refresh split into shares by bucket parity, an
+    // earlier design, missed one of them).
     let first = bucket_of(5);
     let second = (0..day1)
         .map(bucket_of)
@@ -1142,13 +1143,35 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
 
     // Day 2 (every tenth entity changed), in two shards run one after the other.
     let cfg = config_file(setup.dir.path(), &setup.incremental("day2", 64, 2));
+    // Each shard repairs the entities of its own row groups (100 rows each, in order).
+    let repaired_by = |shard: usize| {
+        millrace_scorer::batch::shard::assign(&[vec![100; day1 / 100]], 2, shard)
+            .iter()
+            .flat_map(|unit| unit.row_group * 100..(unit.row_group + 1) * 100)
+            .filter(|&i| evicted.contains(&bucket_of(i)) && !changed(i))
+            .count() as u64
+    };
+    assert_eq!(repaired_by(0) + repaired_by(1), unchanged_in_evicted);
+    assert!(
+        repaired_by(0) > 0 && repaired_by(1) > 0,
+        "both shards have some"
+    );
     let shard0 = run_batch(&cfg, &server.url(), "g-inc", 2, 0);
-    assert_eq!(summary_field(&shard0, "repaired"), 0, "not the last shard");
+    assert_eq!(
+        summary_field(&shard0, "repaired"),
+        repaired_by(0),
+        "its own row groups' entities of both buckets: {}",
+        stderr(&shard0)
+    );
+    assert!(
+        absent_recorded(&mut conn, "g-full").await,
+        "kept for the other shard"
+    );
     let shard1 = run_batch(&cfg, &server.url(), "g-inc", 2, 1);
     assert_eq!(
         summary_field(&shard1, "repaired"),
-        unchanged_in_evicted,
-        "every unchanged entity of both buckets: {}",
+        repaired_by(1),
+        "its own row groups' entities of both buckets: {}",
         stderr(&shard1)
     );
     assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
@@ -1163,7 +1186,7 @@ async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
             report["repaired:1"],
             report["removed:1"],
         ),
-        (carried, 0, unchanged_in_evicted, 0),
+        (carried, repaired_by(0), repaired_by(1), 0),
         "{report:?}"
     );
     assert!(
@@ -1331,7 +1354,7 @@ async fn an_absent_bucket_no_entity_of_the_input_falls_in_is_not_repaired() {
     assert_eq!(summary_field(&out, "repaired"), 0);
     let log = stderr(&out);
     assert!(
-        log.contains("no entity of the input is in one"),
+        log.contains("no entity of this shard's input is in one"),
         "the indexes rule the bucket out: {log}"
     );
     assert!(!log.contains("scoring their entities again"), "{log}");

@@ -22,9 +22,9 @@
 //! (or a published generation written by an older release) it is a full one. Unchanged rows
 //! are found through a per-row-group fingerprint index ([`index`]) rather than one read per
 //! entity, and a row group whose raw bytes did not change ([`digest`]) is not decoded at
-//! all. A bucket the run finds absent (evicted or expired) has its entities scored again by
-//! the last shard ([`repair`]), since the index would otherwise vouch for predictions that
-//! are no longer there.
+//! all. A bucket the run finds absent (evicted or expired) has its entities scored again,
+//! each shard those of its own row groups ([`repair`]), since the index would otherwise
+//! vouch for predictions that are no longer there.
 //!
 //! **Layout.** Predictions live in hash buckets ([`millrace_crds::keys::BatchLayout`]); a
 //! full run sizes them from the whole input's row count, which every shard reads from the
@@ -293,24 +293,25 @@ async fn sweep(
     }
 }
 
-/// What the last shard of an incremental run needs to score again the entities of buckets
-/// found absent ([`repair`]).
+/// What a shard of an incremental run needs to score again the entities of buckets found
+/// absent in its own row groups ([`repair`]).
 struct Repair<'a> {
     writer: &'a Arc<PredictionWriter>,
     /// The set of absent buckets.
     key: &'a str,
     keyspace: &'a Keyspace,
     layout: &'a Arc<BatchLayout>,
-    /// The whole input: rows per row group, per file.
-    row_groups: &'a [Vec<u64>],
+    /// The shard's row groups.
+    units: &'a [shard::Unit],
     model: &'a Arc<Model>,
     writes_in_flight: usize,
     computed_at_ms: u64,
 }
 
 impl Repair<'_> {
-    /// Scores again, from `plan`'s input, every entity in a bucket some shard recorded as
-    /// absent, then forgets the record; returns how many predictions it wrote.
+    /// Scores again, from `plan`'s input, every entity of the shard's row groups in a bucket
+    /// recorded as absent; returns how many predictions it wrote. The record stays for the
+    /// other shards: the run's last shard forgets it once every shard is done.
     async fn run(&self, mut plan: decode::DecodePlan, in_flight: usize) -> Result<u64, BatchError> {
         let absent = repair::recorded(self.writer, self.key)
             .await
@@ -324,29 +325,23 @@ impl Repair<'_> {
             self.keyspace,
             &plan.generation,
             self.layout,
-            shard::assign(self.row_groups, 1, 0),
+            self.units.to_vec(),
             &table,
         )
         .await
         .map_err(redis("reading the fingerprint indexes"))?;
-        let forget = || async {
-            repair::clear(self.writer, self.key)
-                .await
-                .map_err(redis("forgetting the buckets repaired"))
-        };
         if units.is_empty() {
-            // Empty, not evicted: no entity of the input falls in them.
+            // Empty, not evicted (or their entities are in other shards' row groups).
             info!(
                 buckets = absent.len(),
-                "buckets of the updated generation were absent, and no entity of the input is in one"
+                "buckets of the updated generation were absent, and no entity of this shard's input is in one"
             );
-            forget().await?;
             return Ok(0);
         }
         warn!(
             buckets = absent.len(),
             row_groups = units.len(),
-            "buckets of the updated generation were absent (evicted or expired): scoring their entities again"
+            "buckets of the updated generation were absent (evicted or expired): scoring their entities in this shard's row groups again"
         );
         plan.known = None;
         plan.repair = Some(Arc::new(table));
@@ -374,7 +369,6 @@ impl Repair<'_> {
             }
         }
         scoring.finish().await?;
-        forget().await?;
         info!(
             repaired = scoring.written,
             "scored again the entities of the absent buckets"
@@ -628,7 +622,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let fresh = base.is_none() && attempt == 1;
     // An incremental run: the predictions it carries live as long as those it writes,
     // buckets found need no transaction for their TTL, and those absent are recorded for
-    // the last shard to repair (done while decoding starts; the first write waits for it).
+    // every shard to repair in its row groups (done while decoding starts; the first write
+    // waits for it).
     let absent_key = keyspace.absent_buckets(&target);
     let adopting = base.is_some().then(|| {
         let (writer, layout) = (Arc::clone(&writer), Arc::clone(&layout));
@@ -669,8 +664,9 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             scratch: Arc::clone(&scratch),
         },
     };
-    // Kept for a repair pass (the last shard of an incremental run that found buckets absent).
+    // Kept for a repair pass (an incremental run that found buckets absent).
     let repair_plan = plan.clone();
+    let own_units = units.clone();
     let mut decoded = decode::start(plan, units, in_flight);
     let model = Arc::new(
         loading
@@ -770,10 +766,23 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 .map_err(redis("recording what the shard did"))
         }
     };
-    // An incremental run's report, before the shard can count as done: the operator reads
-    // it once all are.
+    // An incremental run, before the shard can count as done: its row groups' entities in
+    // buckets found absent are scored again, and what it did is reported (the operator
+    // reads the report once all are done).
+    let mut repaired = 0;
     if base.is_some() {
-        report(0, 0).await?;
+        let repair = Repair {
+            writer: &writer,
+            key: &absent_key,
+            keyspace: &keyspace,
+            layout: &layout,
+            units: &own_units,
+            model: &model,
+            writes_in_flight: args.writes_in_flight,
+            computed_at_ms,
+        };
+        repaired = repair.run(repair_plan, in_flight).await?;
+        report(0, repaired).await?;
     }
     let last = removal::finish(
         &writer,
@@ -785,21 +794,15 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     )
     .await
     .map_err(redis("recording the shard as done"))?;
-    let (mut removed, mut repaired) = (0, 0);
+    let mut removed = 0;
     if last {
         match &base {
             Some(base) => {
-                let repair = Repair {
-                    writer: &writer,
-                    key: &absent_key,
-                    keyspace: &keyspace,
-                    layout: &layout,
-                    row_groups: &row_groups,
-                    model: &model,
-                    writes_in_flight: args.writes_in_flight,
-                    computed_at_ms,
-                };
-                repaired = repair.run(repair_plan, in_flight).await?;
+                // Every other shard repaired its part before it counted as done, and this
+                // one did too: the record of absent buckets has served.
+                repair::clear(&writer, &absent_key)
+                    .await
+                    .map_err(redis("forgetting the buckets repaired"))?;
                 removed = sweep(
                     &writer,
                     &keyspace,

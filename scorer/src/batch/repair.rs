@@ -24,13 +24,16 @@
 //!    where each shard refreshing every bucket itself made it one per bucket per shard (16
 //!    shards over 100M entities: 25M commands on Redis at once, where 1.6M do). A claim
 //!    whose holder died lapses within [`CLAIM_MS`], and a waiting shard takes over.
-//! 2. **Repaired by the last shard.** Its entities lie anywhere in the input, so the run's
-//!    last shard (the one that also sweeps removals) reads every row group's fingerprint
-//!    index, picks the row groups listing an entity in an absent bucket (and those whose
-//!    index is missing: they may), decodes them, scores exactly the rows in absent buckets,
-//!    writes them (each read back first, like any row the index cannot vouch for), clears
-//!    the set, and only then records itself done: the operator cannot publish the run
-//!    before the repair is in. A shard killed midway is retried and repairs again.
+//! 2. **Repaired by every shard, in its own row groups.** A bucket's entities lie anywhere
+//!    in the input, so once its own pass is done each shard reads the fingerprint indexes of
+//!    its row groups, picks those listing an entity in an absent bucket (and those whose
+//!    index is missing: they may), decodes them again, scores exactly the rows in absent
+//!    buckets and writes them (each read back first, like any row the index cannot vouch
+//!    for), and only then counts itself done: the operator cannot publish the run before
+//!    every repair is in. The run's last shard to finish then clears the set. A shard killed
+//!    midway is retried and repairs again. (The first design left the whole repair to the
+//!    last shard: with many buckets evicted, every row group holds one of their entities,
+//!    so that one shard decoded the whole input a second time while the others sat done.)
 //!
 //! A run where no bucket was absent (the usual case) does none of this.
 
