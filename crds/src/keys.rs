@@ -160,8 +160,9 @@ impl Keyspace {
 
     /// The set of buckets (4-byte little-endian numbers) of `generation` that an incremental
     /// run found absent when it refreshed their TTL (evicted, or expired): every entity of
-    /// the input that falls in one is scored again by the run's last shard, since the
-    /// fingerprint index would otherwise carry a prediction that is no longer there.
+    /// the input that falls in one is scored again by the shard whose row group holds it,
+    /// since the fingerprint index would otherwise carry a prediction that is no longer
+    /// there; the run's last shard clears the set.
     pub fn absent_buckets(&self, generation: &str) -> String {
         format!("{}g:{generation}:absent", self.base)
     }
