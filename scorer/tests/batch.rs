@@ -1323,6 +1323,49 @@ async fn a_lapsed_claim_on_the_refresh_is_taken_over() {
     assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
 }
 
+/// A holder renews and releases its claim on the refresh only while it holds it: one whose
+/// claim lapsed and was taken over leaves its successor's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_renewed_and_released_only_by_its_holder() {
+    use millrace_scorer::batch::repair::{CLAIM_MS, RefreshKeys, release_claim, renew_claim};
+    use millrace_scorer::batch::writer::PredictionWriter;
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let writer = PredictionWriter::connect(&server.url(), false, 60_000)
+        .await
+        .expect("connect");
+    let ks = Keyspace::new("ml/churn", "3");
+    let keys_of = |holder: &str| RefreshKeys {
+        absent: ks.absent_buckets("g"),
+        refreshed: ks.buckets_refreshed("g"),
+        claim: ks.refresh_claim("g"),
+        holder: holder.to_string(),
+    };
+    let (lapsed, successor) = (keys_of("shard 0 (pod a)"), keys_of("shard 1 (pod b)"));
+    let _: () = redis::cmd("SET")
+        .arg(&successor.claim)
+        .arg(&successor.holder)
+        .arg("PX")
+        .arg(1_000)
+        .query_async(&mut conn)
+        .await
+        .expect("claim");
+
+    assert!(!renew_claim(&writer, &lapsed).await.expect("renew"));
+    let ttl: i64 = conn.pttl(&successor.claim).await.expect("pttl");
+    assert!(ttl <= 1_000, "not extended by the lapsed holder: {ttl}");
+    assert!(!release_claim(&writer, &lapsed).await.expect("release"));
+    let held: Option<String> = conn.get(&successor.claim).await.expect("get");
+    assert_eq!(held.as_deref(), Some("shard 1 (pod b)"));
+
+    assert!(renew_claim(&writer, &successor).await.expect("renew"));
+    let ttl: i64 = conn.pttl(&successor.claim).await.expect("pttl");
+    assert!(ttl > 1_000 && ttl <= CLAIM_MS as i64, "renewed: {ttl}");
+    assert!(release_claim(&writer, &successor).await.expect("release"));
+    let exists: bool = conn.exists(&successor.claim).await.expect("exists");
+    assert!(!exists, "released");
+}
+
 /// A bucket absent because none of the input's entities falls in it any more (all gone
 /// from the input): the indexes say so, and nothing is decoded again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

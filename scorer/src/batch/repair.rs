@@ -68,6 +68,13 @@ pub const CLAIM_MS: u64 = 10_000;
 /// does not let it lapse.
 const CLAIM_RENEWAL: Duration = Duration::from_millis(CLAIM_MS / 3);
 
+/// Renews (`ARGV[2]`: a TTL in milliseconds) or, with no `ARGV[2]`, releases the claim
+/// `KEYS[1]` only if `ARGV[1]` still holds it: a holder whose claim lapsed and was taken over
+/// must not extend or delete its successor's.
+const IF_HELD: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+if ARGV[2] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+return redis.call('DEL', KEYS[1])";
+
 /// The first wait between two looks for the mark: a small generation is refreshed in
 /// milliseconds.
 const FIRST_LOOK: Duration = Duration::from_millis(20);
@@ -145,15 +152,45 @@ async fn refresh_claimed(
         tokio::select! {
             absent = &mut refreshing => break absent?,
             _ = renewal.tick() => {
-                let renew = redis::cmd("PEXPIRE").arg(&keys.claim).arg(CLAIM_MS).clone();
-                let _: i64 = writer.command(&keys.claim, &renew).await?;
+                renew_claim(writer, keys).await?;
             }
         }
     };
-    let _: i64 = writer
-        .command(&keys.claim, redis::cmd("DEL").arg(&keys.claim))
-        .await?;
+    release_claim(writer, keys).await?;
     Ok(absent)
+}
+
+/// Gives `keys.holder`'s claim on the refresh another [`CLAIM_MS`]; `false` (and nothing
+/// done) if it no longer holds it.
+pub async fn renew_claim(
+    writer: &PredictionWriter,
+    keys: &RefreshKeys,
+) -> Result<bool, RedisError> {
+    let mut renew = redis::cmd("EVAL");
+    renew
+        .arg(IF_HELD)
+        .arg(1)
+        .arg(&keys.claim)
+        .arg(&keys.holder)
+        .arg(CLAIM_MS);
+    let renewed: i64 = writer.command(&keys.claim, &renew).await?;
+    Ok(renewed == 1)
+}
+
+/// Deletes `keys.holder`'s claim on the refresh; `false` (and nothing done) if it no longer
+/// holds it.
+pub async fn release_claim(
+    writer: &PredictionWriter,
+    keys: &RefreshKeys,
+) -> Result<bool, RedisError> {
+    let mut release = redis::cmd("EVAL");
+    release
+        .arg(IF_HELD)
+        .arg(1)
+        .arg(&keys.claim)
+        .arg(&keys.holder);
+    let released: i64 = writer.command(&keys.claim, &release).await?;
+    Ok(released == 1)
 }
 
 /// Row group indexes read per round trip (about 1 MiB each for 64Ki rows).
