@@ -1115,8 +1115,8 @@ async fn row_groups_whose_bytes_did_not_change_are_carried_unread() {
 }
 
 /// A bucket evicted (or expired) while the fingerprint index still vouches for its
-/// entities: an incremental run finds it absent when it refreshes the TTL, and its last
-/// shard scores those entities again, whichever shard's share the bucket was in.
+/// entities: an incremental run finds it absent when it refreshes the TTL, and each shard
+/// scores those entities of its own row groups again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_run_scores_again_the_entities_of_evicted_buckets() {
     let day1 = 600;

@@ -166,15 +166,7 @@ pub async fn renew_claim(
     writer: &PredictionWriter,
     keys: &RefreshKeys,
 ) -> Result<bool, RedisError> {
-    let mut renew = redis::cmd("EVAL");
-    renew
-        .arg(IF_HELD)
-        .arg(1)
-        .arg(&keys.claim)
-        .arg(&keys.holder)
-        .arg(CLAIM_MS);
-    let renewed: i64 = writer.command(&keys.claim, &renew).await?;
-    Ok(renewed == 1)
+    if_held(writer, keys, Some(CLAIM_MS)).await
 }
 
 /// Deletes `keys.holder`'s claim on the refresh; `false` (and nothing done) if it no longer
@@ -183,14 +175,26 @@ pub async fn release_claim(
     writer: &PredictionWriter,
     keys: &RefreshKeys,
 ) -> Result<bool, RedisError> {
-    let mut release = redis::cmd("EVAL");
-    release
+    if_held(writer, keys, None).await
+}
+
+/// [`IF_HELD`]: renews the claim for `ttl_ms`, or releases it with none.
+async fn if_held(
+    writer: &PredictionWriter,
+    keys: &RefreshKeys,
+    ttl_ms: Option<u64>,
+) -> Result<bool, RedisError> {
+    let mut script = redis::cmd("EVAL");
+    script
         .arg(IF_HELD)
         .arg(1)
         .arg(&keys.claim)
         .arg(&keys.holder);
-    let released: i64 = writer.command(&keys.claim, &release).await?;
-    Ok(released == 1)
+    if let Some(ttl_ms) = ttl_ms {
+        script.arg(ttl_ms);
+    }
+    let done: i64 = writer.command(&keys.claim, &script).await?;
+    Ok(done == 1)
 }
 
 /// Row group indexes read per round trip (about 1 MiB each for 64Ki rows).
