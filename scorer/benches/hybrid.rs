@@ -444,6 +444,7 @@ fn remote_reads(data: &Path, rounds: usize) {
             generation: "remote".into(),
             known: None,
             repair: None,
+            absent: None,
             ttl_ms: 60_000,
             spool: decode::Spool {
                 dir: std::env::temp_dir(),

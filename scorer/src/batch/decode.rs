@@ -24,6 +24,7 @@ use super::digest;
 use super::index::{self, GroupIndex, KnownIndex, SeenTwice};
 use super::input::{GroupSource, Input, InputError};
 use super::removal;
+use super::repair;
 use super::scoring::{Expected, Group};
 use super::scratch::Scratch;
 use super::shard::Unit;
@@ -40,6 +41,9 @@ pub struct DecodedBatch {
     pub buckets: Vec<u32>,
     /// Their fingerprints.
     pub fingerprints: Vec<u64>,
+    /// Per row: whether the index found it unchanged but its bucket was absent, so it is
+    /// scored again (an inline repair, [`super::repair`]).
+    pub repairs: Vec<bool>,
     /// What each write expects to replace; `None`: not known, read the value back first.
     pub expected: Vec<Option<Expected>>,
     /// An incremental run's rows skipped for a missing feature (bucket, entity id): a
@@ -79,10 +83,18 @@ pub enum Decoded {
         bytes_read: u64,
         /// Whether it was read through a spool file.
         spooled: bool,
+        /// Whether its rows were decided knowing the buckets found absent (always, but in an
+        /// incremental run whose TTL refresh was still under way): those decided before
+        /// are left to the repair pass.
+        absent_checked: bool,
     },
     /// An incremental run found the row group's content digest in its index: the group was
     /// not decoded, and every row it scored last time is carried.
     Unchanged {
+        /// The row group.
+        group: Group,
+        /// As in [`Decoded::GroupDone`].
+        absent_checked: bool,
         /// Rows in the group.
         rows: u64,
         /// Of them, rows scored when the index was written (the others were skipped for a
@@ -125,6 +137,11 @@ pub struct DecodePlan {
     /// Only rows in one are scored (each read back before it is written); every other row is
     /// left alone, and no index is read. `None` for a shard's own pass.
     pub repair: Option<Arc<Vec<bool>>>,
+    /// An incremental run's own pass: the buckets found absent, as a table by bucket, once
+    /// its TTL refresh is done. A row group decided after that scores again the rows the
+    /// index would carry in an absent bucket (an inline repair); one decided before is left
+    /// to the repair pass. `None` for a full run and a repair pass.
+    pub absent: Option<Arc<std::sync::OnceLock<Arc<Vec<bool>>>>>,
     /// The seed of row groups' content digests ([`digest::seed`]).
     pub digest_seed: u64,
     /// The batch TTL: an index kept for an unchanged group gets it again.
@@ -239,12 +256,15 @@ async fn kept_by_version(
 async fn carried_whole(
     tx: &mpsc::Sender<Result<Decoded, BatchError>>,
     unit: &Unit,
+    absent_checked: bool,
     scored: u64,
     bytes_read: u64,
     spooled: bool,
 ) -> Result<(), BatchError> {
     let _ = tx
         .send(Ok(Decoded::Unchanged {
+            group: (unit.file, unit.row_group),
+            absent_checked,
             rows: unit.rows,
             scored,
             bytes_read,
@@ -274,9 +294,16 @@ async fn decode_unit(
     let index_key = plan
         .keyspace
         .fingerprint_index(&plan.generation, group.0, group.1);
-    // The file is the version the index was read from: the group is not even read.
-    if let Some(scored) = kept_by_version(plan, &index_key, version).await? {
-        return carried_whole(tx, unit, scored, 0, false).await;
+    // The buckets found absent, if the TTL refresh is done; only a table with one matters.
+    let absent_now = plan.absent.as_ref().and_then(|known| known.get().cloned());
+    let absent_checked = plan.absent.is_none() || absent_now.is_some();
+    let absent = absent_now.filter(|table| table.contains(&true));
+    // The file is the version the index was read from: the group is not even read (unless
+    // a bucket is absent: then the index must say whether the group holds its entities).
+    if absent.is_none()
+        && let Some(scored) = kept_by_version(plan, &index_key, version).await?
+    {
+        return carried_whole(tx, unit, absent_checked, scored, 0, false).await;
     }
     let reading = read_index(plan, &index_key);
     let types = plan.input.column_types(unit.file, &columns);
@@ -307,8 +334,17 @@ async fn decode_unit(
         Some(read) => Some(read.await.unwrap_or_default()),
         None => None,
     };
+    let holds_absent = |index: &KnownIndex| {
+        absent.as_deref().is_some_and(|absent| {
+            index
+                .pairs()
+                .iter()
+                .any(|&(entity, _)| repair::in_absent(&plan.layout, absent, entity))
+        })
+    };
     if let (Some(index), Some(writer)) = (&known, &plan.known)
         && index.describes(digest)
+        && !holds_absent(index)
     {
         // The same bytes as when the index was written: the same rows, scored as they are.
         // The index is written again, now with the version these bytes were read from.
@@ -323,7 +359,15 @@ async fn decode_unit(
                 during: "keeping an unchanged row group's index",
                 source,
             })?;
-        return carried_whole(tx, unit, index.len() as u64, bytes_read, spooled).await;
+        return carried_whole(
+            tx,
+            unit,
+            absent_checked,
+            index.len() as u64,
+            bytes_read,
+            spooled,
+        )
+        .await;
     }
     let mut batches = plan
         .input
@@ -355,6 +399,7 @@ async fn decode_unit(
             &at,
         )?;
         let (mut rows, mut expected, mut withdrawn) = (Vec::new(), Vec::new(), Vec::new());
+        let mut repairs = Vec::new();
         let (mut unchanged, mut settled) = (0, 0);
         for i in 0..scanned.len() {
             if !scanned.is_scored(i) {
@@ -365,6 +410,7 @@ async fn decode_unit(
                 continue;
             }
             let (id_hash, fingerprint) = (scanned.id_hashes[i], scanned.fingerprints[i]);
+            let mut repaired = false;
             let decision = match (known.as_mut(), plan.repair.as_deref()) {
                 // A repair: only entities whose bucket was absent, whatever their value
                 // holds now (this run may have written it since: it is then read back as
@@ -377,6 +423,16 @@ async fn decode_unit(
                 // written by a retry of this shard or by a duplicate row.
                 (None, None) => Some(Some(Expected::Value(None))),
                 (Some(known), None) => match known.lookup(pairs.len(), id_hash) {
+                    // Unchanged, but its bucket is gone: scored again, read back first.
+                    Ok(Some(old))
+                        if old == fingerprint
+                            && absent.as_deref().is_some_and(|absent| {
+                                repair::in_absent(&plan.layout, absent, id_hash)
+                            }) =>
+                    {
+                        repaired = true;
+                        Some(None)
+                    }
                     Ok(Some(old)) if old == fingerprint => None,
                     Ok(Some(old)) => Some(Some(Expected::Fingerprint(old))),
                     Ok(None) => Some(None),
@@ -397,6 +453,7 @@ async fn decode_unit(
                 }
                 Some(expect) => {
                     settled += u64::from(matches!(expect, Some(Expected::Fingerprint(_))));
+                    repairs.push(repaired);
                     rows.push(i);
                     expected.push(expect);
                 }
@@ -409,6 +466,7 @@ async fn decode_unit(
                 .map(|&i| plan.layout.bucket_of_hash(scanned.id_hashes[i]))
                 .collect(),
             fingerprints: rows.iter().map(|&i| scanned.fingerprints[i]).collect(),
+            repairs,
             features: scanned.gather(&rows),
             expected,
             withdrawn,
@@ -449,6 +507,7 @@ async fn decode_unit(
             index,
             bytes_read,
             spooled,
+            absent_checked,
         }))
         .await;
     Ok(())

@@ -313,6 +313,9 @@ impl Repair<'_> {
     /// recorded as absent; returns how many predictions it wrote. The record stays for the
     /// other shards: the run's last shard forgets it once every shard is done.
     async fn run(&self, mut plan: decode::DecodePlan, in_flight: usize) -> Result<u64, BatchError> {
+        if self.units.is_empty() {
+            return Ok(0); // every row group was decided knowing the absent buckets
+        }
         let absent = repair::recorded(self.writer, self.key)
             .await
             .map_err(redis("reading the buckets found absent"))?;
@@ -344,6 +347,7 @@ impl Repair<'_> {
             "buckets of the updated generation were absent (evicted or expired): scoring their entities in this shard's row groups again"
         );
         plan.known = None;
+        plan.absent = None;
         plan.repair = Some(Arc::new(table));
         let index = IndexPlace {
             keyspace: self.keyspace.clone(),
@@ -370,8 +374,8 @@ impl Repair<'_> {
         }
         scoring.finish().await?;
         info!(
-            repaired = scoring.written,
-            "scored again the entities of the absent buckets"
+            predictions = scoring.written,
+            "scored again the entities of the absent buckets in row groups decided before the refresh was done"
         );
         Ok(scoring.written)
     }
@@ -625,8 +629,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     // every shard to repair in its row groups (done while decoding starts; the first write
     // waits for it).
     let absent_key = keyspace.absent_buckets(&target);
+    // What the refresh found, for the decoders: rows they decide after it is known are
+    // repaired inline, without the repair pass decoding their row group again.
+    let absent_known: Arc<std::sync::OnceLock<Arc<Vec<bool>>>> = Arc::default();
     let adopting = base.is_some().then(|| {
         let (writer, layout) = (Arc::clone(&writer), Arc::clone(&layout));
+        let known = Arc::clone(&absent_known);
         let keys = repair::RefreshKeys {
             absent: absent_key.clone(),
             refreshed: keyspace.buckets_refreshed(&args.generation),
@@ -637,7 +645,11 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "no HOSTNAME".into())
             ),
         };
-        tokio::spawn(async move { repair::refresh(&writer, &layout, &keys).await })
+        tokio::spawn(async move {
+            let absent = repair::refresh(&writer, &layout, &keys).await?;
+            let _ = known.set(Arc::new(repair::absent_table(&absent, layout.buckets())));
+            Ok(absent)
+        })
     });
     let mut progress = Progress::new(total);
     let (mut rows, mut filled, mut skipped) = (0u64, 0u64, 0u64);
@@ -656,6 +668,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         layout: Arc::clone(&layout),
         known: index_connection.filter(|_| base.is_some()).map(Arc::new),
         repair: None,
+        absent: base.is_some().then_some(absent_known),
         digest_seed: digest::seed(&id_column, &config.model.inputs, &config.features.missing),
         ttl_ms,
         spool: decode::Spool {
@@ -667,6 +680,8 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     // Kept for a repair pass (an incremental run that found buckets absent).
     let repair_plan = plan.clone();
     let own_units = units.clone();
+    // Row groups decided before the refresh said which buckets are absent: the repair pass's.
+    let mut unchecked: Vec<scoring::Group> = Vec::new();
     let mut decoded = decode::start(plan, units, in_flight);
     let model = Arc::new(
         loading
@@ -702,17 +717,26 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 index,
                 bytes_read: read,
                 spooled,
+                absent_checked,
             } => {
                 bytes_read += read;
                 spooled_groups += u64::from(spooled);
+                if !absent_checked {
+                    unchecked.push(group);
+                }
                 scoring.group_done(group, index)?
             }
             decode::Decoded::Unchanged {
+                group,
+                absent_checked,
                 rows: group_rows,
                 scored,
                 bytes_read: read,
                 spooled,
             } => {
+                if !absent_checked {
+                    unchecked.push(group);
+                }
                 bytes_read += read;
                 spooled_groups += u64::from(spooled);
                 rows += group_rows;
@@ -725,12 +749,38 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         }
     }
     scoring.finish().await?;
-    let (written, carried, settled, withdrawn) = (
-        scoring.written,
+    // Repairs made inline are counted as repairs, not as computed predictions.
+    let (written, mut carried, mut settled, withdrawn) = (
+        scoring.written - scoring.repaired,
         scoring.carried,
         scoring.settled,
         scoring.withdrawn,
     );
+    // An incremental run, before the shard can count as done: its row groups' entities in
+    // buckets found absent that were decided before the refresh said which are absent are
+    // scored again. Each was counted as carried (and settled by the index): it is not.
+    let mut repaired = scoring.repaired;
+    if base.is_some() {
+        let late: Vec<shard::Unit> = own_units
+            .iter()
+            .filter(|unit| unchecked.contains(&(unit.file, unit.row_group)))
+            .cloned()
+            .collect();
+        let repair = Repair {
+            writer: &writer,
+            key: &absent_key,
+            keyspace: &keyspace,
+            layout: &layout,
+            units: &late,
+            model: &model,
+            writes_in_flight: args.writes_in_flight,
+            computed_at_ms,
+        };
+        let late_repairs = repair.run(repair_plan, in_flight).await?;
+        repaired += late_repairs;
+        carried = carried.saturating_sub(late_repairs);
+        settled = settled.saturating_sub(late_repairs);
+    }
     if let Some(base) = &base {
         // The updated generation's records live as long as its predictions: its bucket
         // count, and the start of its full run (what `batch.rebuildAfter` is measured from).
@@ -766,22 +816,9 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 .map_err(redis("recording what the shard did"))
         }
     };
-    // An incremental run, before the shard can count as done: its row groups' entities in
-    // buckets found absent are scored again, and what it did is reported (the operator
-    // reads the report once all are done).
-    let mut repaired = 0;
+    // An incremental run's report, before the shard can count as done: the operator reads
+    // it once all are.
     if base.is_some() {
-        let repair = Repair {
-            writer: &writer,
-            key: &absent_key,
-            keyspace: &keyspace,
-            layout: &layout,
-            units: &own_units,
-            model: &model,
-            writes_in_flight: args.writes_in_flight,
-            computed_at_ms,
-        };
-        repaired = repair.run(repair_plan, in_flight).await?;
         report(0, repaired).await?;
     }
     let last = removal::finish(

@@ -25,15 +25,22 @@
 //!    shards over 100M entities: 25M commands on Redis at once, where 1.6M do). A claim
 //!    whose holder died lapses within [`CLAIM_MS`], and a waiting shard takes over.
 //! 2. **Repaired by every shard, in its own row groups.** A bucket's entities lie anywhere
-//!    in the input, so once its own pass is done each shard reads the fingerprint indexes of
-//!    its row groups, picks those listing an entity in an absent bucket (and those whose
-//!    index is missing: they may), decodes them again, scores exactly the rows in absent
-//!    buckets and writes them (each read back first, like any row the index cannot vouch
-//!    for), and only then counts itself done: the operator cannot publish the run before
-//!    every repair is in. The run's last shard to finish then clears the set. A shard killed
-//!    midway is retried and repairs again. (The first design left the whole repair to the
-//!    last shard: with many buckets evicted, every row group holds one of their entities,
-//!    so that one shard decoded the whole input a second time while the others sat done.)
+//!    in the input, so each shard repairs those of its own row groups, before it counts
+//!    itself done: the operator cannot publish the run before every repair is in.
+//!    - **Inline**, for a row group decided once the refresh is done (usually all but the
+//!      first one or two): a row the index finds unchanged in an absent bucket is scored
+//!      again in the shard's own pass (read back first, like any row the index cannot vouch
+//!      for), and a group the file version or the content digest would carry whole is
+//!      decoded if its index lists such an entity. This costs nothing more than the write.
+//!    - **In a repair pass**, for the row groups decided before: once its own pass is done,
+//!      the shard reads their indexes, picks those listing an entity in an absent bucket
+//!      (and those whose index is missing: they may), decodes them again and scores exactly
+//!      the rows in absent buckets.
+//!
+//!    The run's last shard to finish then clears the set. A shard killed midway is retried
+//!    and repairs again. (The first design left the whole repair to the last shard, after
+//!    its pass: with many buckets evicted, every row group holds one of their entities, so
+//!    that one shard decoded the whole input a second time while the others sat done.)
 //!
 //! A run where no bucket was absent (the usual case) does none of this.
 
@@ -242,14 +249,18 @@ pub fn absent_table(buckets: &[u32], count: u32) -> Vec<bool> {
 /// bucket: it lists one, or there is no index of this release's format to say it does not.
 pub fn may_hold_absent(stored: Option<&[u8]>, layout: &BatchLayout, absent: &[bool]) -> bool {
     match stored.and_then(index::entities) {
-        Some(mut entities) => entities.any(|entity| {
-            absent
-                .get(layout.bucket_of_hash(entity) as usize)
-                .copied()
-                .unwrap_or(false)
-        }),
+        Some(mut entities) => entities.any(|entity| in_absent(layout, absent, entity)),
         None => true,
     }
+}
+
+/// Whether the entity whose hash is `entity` falls in a bucket of `absent` (a table by
+/// bucket: [`absent_table`]).
+pub fn in_absent(layout: &BatchLayout, absent: &[bool], entity: u64) -> bool {
+    absent
+        .get(layout.bucket_of_hash(entity) as usize)
+        .copied()
+        .unwrap_or(false)
 }
 
 /// The row groups among `units` to decode again: those that may hold an entity in an absent

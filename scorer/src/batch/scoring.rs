@@ -118,6 +118,9 @@ pub struct Scoring {
     pub settled: u64,
     /// Stored predictions withdrawn (see [`DecodedBatch::withdrawn`]).
     pub withdrawn: u64,
+    /// Of the predictions written, those of entities the index found unchanged but whose
+    /// bucket was absent (see [`DecodedBatch::repairs`]).
+    pub repaired: u64,
 }
 
 impl Scoring {
@@ -148,6 +151,7 @@ impl Scoring {
             carried: 0,
             settled: 0,
             withdrawn: 0,
+            repaired: 0,
         }
     }
 
@@ -260,6 +264,7 @@ impl Scoring {
             mut ids,
             buckets,
             fingerprints,
+            repairs,
             mut expected,
             file,
             group,
@@ -277,6 +282,10 @@ impl Scoring {
         }
         let changed: Vec<usize> = (0..ids.len()).filter(|&i| !unchanged[i]).collect();
         self.carried += (ids.len() - changed.len()) as u64;
+        self.repaired += changed
+            .iter()
+            .filter(|&&i| repairs.get(i).copied().unwrap_or(false))
+            .count() as u64;
         if changed.is_empty() {
             if let Some(ready) = self.gate.closed(group) {
                 self.write_index(ready);
