@@ -416,8 +416,7 @@ async fn decode_unit(
                 // holds now (this run may have written it since: it is then read back as
                 // this run's own).
                 (_, Some(absent)) => {
-                    let bucket = plan.layout.bucket_of_hash(id_hash) as usize;
-                    absent.get(bucket).copied().unwrap_or(false).then_some(None)
+                    repair::in_absent(&plan.layout, absent, id_hash).then_some(None)
                 }
                 // A full run: a key of this generation that already holds a value was
                 // written by a retry of this shard or by a duplicate row.
