@@ -27,8 +27,9 @@
 //! 2. **Repaired by every shard, in its own row groups.** A bucket's entities lie anywhere
 //!    in the input, so each shard repairs those of its own row groups, before it counts
 //!    itself done: the operator cannot publish the run before every repair is in.
-//!    - **Inline**, for a row group decided once the refresh is done (usually all but the
-//!      first one or two): a row the index finds unchanged in an absent bucket is scored
+//!    - **Inline**, for a row group decided once the refresh is done (all but the first few
+//!      of a 1M-entity table, whose 16Ki buckets are refreshed in tens of milliseconds;
+//!      fewer of a very large one, whose refresh takes seconds): a row the index finds unchanged in an absent bucket is scored
 //!      again in the shard's own pass (read back first, like any row the index cannot vouch
 //!      for), and a group the file version or the content digest would carry whole is
 //!      decoded if its index lists such an entity. This costs nothing more than the write.
