@@ -51,9 +51,17 @@ impl S3Server {
 
     fn curl_put(&self, url: &str, file: Option<&Path>) {
         // Signed like any S3 client (curl's SigV4): moto stalls on an unsigned upload.
+        // Retried (both PUTs are idempotent): a fresh-clone CI run saw the first PUT, right
+        // after the server started, fail once, with no reason shown; `-S` now prints
+        // curl's reason if it fails for good.
         let mut command = Command::new("curl");
         command.args([
-            "-sf",
+            "-sSf",
+            "--retry",
+            "5",
+            "--retry-all-errors",
+            "--retry-delay",
+            "1",
             "--max-time",
             "30",
             "--aws-sigv4",
