@@ -681,7 +681,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     let repair_plan = plan.clone();
     let own_units = units.clone();
     // Row groups decided before the refresh said which buckets are absent: the repair pass's.
-    let mut unchecked: Vec<scoring::Group> = Vec::new();
+    let mut unchecked: std::collections::HashSet<scoring::Group> = Default::default();
     let mut decoded = decode::start(plan, units, in_flight);
     let model = Arc::new(
         loading
@@ -722,7 +722,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 bytes_read += read;
                 spooled_groups += u64::from(spooled);
                 if !absent_checked {
-                    unchecked.push(group);
+                    unchecked.insert(group);
                 }
                 scoring.group_done(group, index)?
             }
@@ -735,7 +735,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 spooled,
             } => {
                 if !absent_checked {
-                    unchecked.push(group);
+                    unchecked.insert(group);
                 }
                 bytes_read += read;
                 spooled_groups += u64::from(spooled);
