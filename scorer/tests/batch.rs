@@ -1338,6 +1338,7 @@ async fn a_claim_is_renewed_and_released_only_by_its_holder() {
         refreshed: ks.buckets_refreshed("g"),
         claim: ks.refresh_claim("g"),
         holder: holder.to_string(),
+        claim_ms: CLAIM_MS,
     };
     let (lapsed, successor) = (keys_of("shard 0 (pod a)"), keys_of("shard 1 (pod b)"));
     let _: () = redis::cmd("SET")
@@ -1362,6 +1363,76 @@ async fn a_claim_is_renewed_and_released_only_by_its_holder() {
     assert!(release_claim(&writer, &successor).await.expect("release"));
     let exists: bool = conn.exists(&successor.claim).await.expect("exists");
     assert!(!exists, "released");
+}
+
+/// The holder of the refresh's claim keeps renewing it while it works: a refresh that
+/// takes several times the claim's life never lets it lapse (the other shards would take
+/// over and refresh every bucket again), and the claim is gone once the mark is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refresh_keeps_its_claim_alive() {
+    use millrace_scorer::batch::repair::{RefreshKeys, refresh};
+    use millrace_scorer::batch::writer::PredictionWriter;
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let writer = PredictionWriter::connect(&server.url(), false, 60_000)
+        .await
+        .expect("connect");
+    let ks = Keyspace::new("ml/churn", "3");
+    // 256Ki buckets take seconds to refresh here: many claims' lives.
+    let layout = ks.batch_layout("g", 1 << 18);
+    let claim_ms = 300;
+    let keys = RefreshKeys {
+        absent: ks.absent_buckets("g"),
+        refreshed: ks.buckets_refreshed("g"),
+        claim: ks.refresh_claim("g"),
+        holder: "shard 0 (pod a)".into(),
+        claim_ms,
+    };
+    let watched = (keys.claim.clone(), keys.refreshed.clone());
+    let watcher = tokio::spawn(async move {
+        let (claim, refreshed) = watched;
+        let (mut looks, mut lapsed, mut claimed) = (0u32, Vec::new(), false);
+        loop {
+            let holder: Option<String> = conn.get(&claim).await.expect("get");
+            let done: bool = conn.exists(&refreshed).await.expect("exists");
+            if done {
+                break;
+            }
+            // From the moment the refresh claims it until the mark is set.
+            claimed |= holder.is_some();
+            if claimed {
+                looks += 1;
+                if holder.as_deref() != Some("shard 0 (pod a)") {
+                    lapsed.push(looks);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (looks, lapsed, conn)
+    });
+
+    let started = Instant::now();
+    let absent = refresh(&writer, &layout, &keys).await.expect("refresh");
+    let took = started.elapsed();
+    let (looks, lapsed, mut conn) = watcher.await.expect("watcher");
+    let left: bool = conn.exists(&keys.claim).await.expect("exists");
+
+    assert_eq!(absent.len(), 1 << 18, "no bucket exists: all absent");
+    assert!(
+        took > Duration::from_millis(2 * claim_ms),
+        "the refresh outlived its claim several times over ({took:?}), or this proves nothing"
+    );
+    assert!(
+        looks > 10,
+        "the claim was watched while held ({looks} looks)"
+    );
+    assert!(
+        lapsed.is_empty(),
+        "the claim lapsed while its holder refreshed: gone at {} of {looks} looks, first at look {:?} ({took:?})",
+        lapsed.len(),
+        lapsed.first()
+    );
+    assert!(!left, "released once the mark was set");
 }
 
 /// Rows decided once the refresh has said which buckets are absent are repaired inline:

@@ -644,6 +644,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
                 args.shard_index,
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "no HOSTNAME".into())
             ),
+            claim_ms: repair::CLAIM_MS,
         };
         tokio::spawn(async move {
             let absent = repair::refresh(&writer, &layout, &keys).await?;

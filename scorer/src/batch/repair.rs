@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use millrace_crds::keys::{BatchLayout, Keyspace};
 use redis::RedisError;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::index;
 use super::shard::Unit;
@@ -66,15 +66,20 @@ pub struct RefreshKeys {
     pub claim: String,
     /// Who this shard is, as the claim names it in the other shards' logs (shard and pod).
     pub holder: String,
+    /// How long the claim lives unless renewed, in milliseconds: [`CLAIM_MS`] (a test
+    /// shortens it to see the renewals at work).
+    pub claim_ms: u64,
 }
 
 /// How long a claim on the refresh lives unless its holder renews it: how long the other
 /// shards wait for one that died before one of them takes over.
 pub const CLAIM_MS: u64 = 10_000;
 
-/// How often the holder renews its claim: a third of its life, so a slow round trip or two
-/// does not let it lapse.
-const CLAIM_RENEWAL: Duration = Duration::from_millis(CLAIM_MS / 3);
+/// How often the holder renews a claim that lives `claim_ms`: every third of its life, so a
+/// slow round trip or two does not let it lapse.
+fn claim_renewal(claim_ms: u64) -> Duration {
+    Duration::from_millis((claim_ms / 3).max(1))
+}
 
 /// Renews (`ARGV[2]`: a TTL in milliseconds) or, with no `ARGV[2]`, releases the claim
 /// `KEYS[1]` only if `ARGV[1]` still holds it: a holder whose claim lapsed and was taken over
@@ -117,7 +122,7 @@ pub async fn refresh(
             .arg(&keys.holder)
             .arg("NX")
             .arg("PX")
-            .arg(CLAIM_MS);
+            .arg(keys.claim_ms);
         let claimed: Option<String> = writer.command(&keys.claim, &claim).await?;
         if claimed.is_some() {
             if let Some(holder) = waited_for {
@@ -154,13 +159,20 @@ async fn refresh_claimed(
         Ok::<_, RedisError>(absent)
     };
     tokio::pin!(refreshing);
-    let mut renewal = tokio::time::interval(CLAIM_RENEWAL);
+    let mut renewal = tokio::time::interval(claim_renewal(keys.claim_ms));
     renewal.tick().await; // the first tick is immediate, and the claim is fresh
+    let mut lost = false;
     let absent = loop {
         tokio::select! {
             absent = &mut refreshing => break absent?,
-            _ = renewal.tick() => {
-                renew_claim(writer, keys).await?;
+            _ = renewal.tick(), if !lost => {
+                // Lost (this shard stalled past the claim's life, and another took over):
+                // harmless, since a refresh only extends TTLs and adds to the absent set,
+                // so two at once record the same buckets; but worth a line in the log.
+                if !renew_claim(writer, keys).await? {
+                    lost = true;
+                    warn!(holder = %keys.holder, "this shard's claim on the TTL refresh lapsed before it could renew it (stalled?): another shard may be refreshing too, which is harmless");
+                }
             }
         }
     };
@@ -168,13 +180,13 @@ async fn refresh_claimed(
     Ok(absent)
 }
 
-/// Gives `keys.holder`'s claim on the refresh another [`CLAIM_MS`]; `false` (and nothing
+/// Gives `keys.holder`'s claim on the refresh another `keys.claim_ms`; `false` (and nothing
 /// done) if it no longer holds it.
 pub async fn renew_claim(
     writer: &PredictionWriter,
     keys: &RefreshKeys,
 ) -> Result<bool, RedisError> {
-    if_held(writer, keys, Some(CLAIM_MS)).await
+    if_held(writer, keys, Some(keys.claim_ms)).await
 }
 
 /// Deletes `keys.holder`'s claim on the refresh; `false` (and nothing done) if it no longer
