@@ -135,8 +135,16 @@ async fn the_cache_tier_forwards_misses_and_degrades_while_compute_sleeps() {
     assert_eq!(body["source"], "realtime", "{body}");
     let value = body["prediction"].as_f64().expect("a prediction");
     assert!((value - f64::from(expected[6])).abs() < 1e-6, "{body}");
-    // The compute tier wrote it back to Redis: another cache pod would hit.
-    let cached: Option<Vec<u8>> = conn.get(keyspace.realtime("u6")).await.expect("get");
+    // The compute tier wrote it back to Redis: another cache pod would hit. The write-back
+    // runs in the background (the answer does not wait for it), so it may land just after.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cached = loop {
+        let cached: Option<Vec<u8>> = conn.get(keyspace.realtime("u6")).await.expect("get");
+        if cached.is_some() || Instant::now() > deadline {
+            break cached;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         cached.is_some(),
         "the compute tier writes real-time predictions back"
