@@ -9,8 +9,10 @@
 //! of Millrace's batch job, each a full run, an incremental one on top of it and a full run
 //! of the incremental run's changed rows alone, default 3: medians are reported, since
 //! single runs on these machines vary by a fifth),
-//! `MILLRACE_BENCH_BATCH_ONLY` (stop after the batch section), `MILLRACE_BENCH_BASELINE` (the
-//! baseline's directory).
+//! `MILLRACE_BENCH_BATCH_ONLY` (stop after the batch section), `MILLRACE_BENCH_BATCH_BASELINE`
+//! (`0` skips the baseline's batch job, which runs at some 16-75k predictions/s: ten minutes
+//! at 10M entities, for a scaling study of Millrace's own figures), `MILLRACE_BENCH_BASELINE`
+//! (the baseline's directory).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -636,23 +638,26 @@ fn main() {
     flushall(&url);
 
     println!("\n== Batch: {entities} entities x 32 features -> Redis");
-    let mut baseline_batch = Command::new(python());
-    baseline_batch
-        .arg(baseline_dir().join("seed_batch.py"))
-        .arg(&data)
-        .arg(&url);
-    let memory_before = used_memory(&url);
-    let (base_time, base_rss, text) = timed(baseline_batch);
-    let base_memory = used_memory(&url).saturating_sub(memory_before);
-    let base_rate = text
-        .split_whitespace()
-        .find_map(|w| {
-            w.strip_prefix("rate=")?
-                .strip_suffix("/s")?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(entities as f64 / base_time.as_secs_f64());
+    let baseline = (env_or("MILLRACE_BENCH_BATCH_BASELINE", 1) != 0).then(|| {
+        let mut baseline_batch = Command::new(python());
+        baseline_batch
+            .arg(baseline_dir().join("seed_batch.py"))
+            .arg(&data)
+            .arg(&url);
+        let memory_before = used_memory(&url);
+        let (base_time, base_rss, text) = timed(baseline_batch);
+        let base_memory = used_memory(&url).saturating_sub(memory_before);
+        let base_rate = text
+            .split_whitespace()
+            .find_map(|w| {
+                w.strip_prefix("rate=")?
+                    .strip_suffix("/s")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(entities as f64 / base_time.as_secs_f64());
+        (base_rate, base_time, base_rss, base_memory)
+    });
     let cfg = scorer_config(&data, 0);
     let config = write_config(work.path(), "batch.json", &cfg);
     // Incremental: the same table with 10% of the entities' features changed.
@@ -694,22 +699,16 @@ fn main() {
         "{:<28}{:>14}{:>12}{:>16}{:>14}{:>20}",
         "", "predictions/s", "seconds", "% of SET ceil.", "peak RSS MiB", "Redis B/prediction"
     );
-    for (name, rate, time, rss, memory) in [
-        (
-            "baseline (seed_batch.py)",
-            base_rate,
-            base_time,
-            base_rss,
-            base_memory,
-        ),
-        (
-            "millrace-scorer batch",
-            our_rate,
-            our_time,
-            our_rss,
-            our_memory,
-        ),
-    ] {
+    let baseline_row = baseline
+        .map(|(rate, time, rss, memory)| ("baseline (seed_batch.py)", rate, time, rss, memory));
+    let our_row = (
+        "millrace-scorer batch",
+        our_rate,
+        our_time,
+        our_rss,
+        our_memory,
+    );
+    for (name, rate, time, rss, memory) in baseline_row.into_iter().chain([our_row]) {
         println!(
             "{name:<28}{rate:>14.0}{:>12.1}{:>15.0}%{rss:>14}{:>20.0}",
             time.as_secs_f64(),
@@ -717,12 +716,18 @@ fn main() {
             memory as f64 / entities as f64
         );
     }
-    println!(
-        "ratio: {:.1}x the baseline (target >= 5x), {:.0}% of the ceiling (target >= 40%), peak RSS {our_rss} MiB (target < 512); Redis memory {:.2}x the baseline's",
-        our_rate / base_rate,
-        100.0 * our_rate / set_ceiling,
-        our_memory as f64 / base_memory.max(1) as f64
-    );
+    match baseline {
+        Some((base_rate, _, _, base_memory)) => println!(
+            "ratio: {:.1}x the baseline (target >= 5x), {:.0}% of the ceiling (target >= 40%), peak RSS {our_rss} MiB (target < 512); Redis memory {:.2}x the baseline's",
+            our_rate / base_rate,
+            100.0 * our_rate / set_ceiling,
+            our_memory as f64 / base_memory.max(1) as f64
+        ),
+        None => println!(
+            "(the baseline's batch job skipped: MILLRACE_BENCH_BATCH_BASELINE=0) {:.0}% of the ceiling (target >= 40%), peak RSS {our_rss} MiB (target < 512)",
+            100.0 * our_rate / set_ceiling
+        ),
+    }
 
     let seconds_of = |times: &mut dyn Iterator<Item = Duration>| -> String {
         times
