@@ -1321,26 +1321,47 @@ async fn a_lapsed_claim_on_the_refresh_is_taken_over() {
     assert_scored_as(&mut conn, &setup, "g-full", day1, day2_source).await;
 }
 
-/// A holder renews and releases its claim on the refresh only while it holds it: one whose
-/// claim lapsed and was taken over leaves its successor's alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_is_renewed_and_released_only_by_its_holder() {
-    use millrace_scorer::batch::repair::{CLAIM_MS, RefreshKeys, release_claim, renew_claim};
-    use millrace_scorer::batch::writer::PredictionWriter;
+/// A Redis, a connection to it, a batch writer on it and the keyspace the claim tests use.
+async fn claim_fixture() -> (
+    RedisServer,
+    redis::aio::MultiplexedConnection,
+    millrace_scorer::batch::writer::PredictionWriter,
+    Keyspace,
+) {
     let server = RedisServer::start();
-    let mut conn = connection(&server.url()).await;
-    let writer = PredictionWriter::connect(&server.url(), false, 60_000)
-        .await
-        .expect("connect");
-    let ks = Keyspace::new("ml/churn", "3");
-    let keys_of = |holder: &str| RefreshKeys {
+    let conn = connection(&server.url()).await;
+    let writer =
+        millrace_scorer::batch::writer::PredictionWriter::connect(&server.url(), false, 60_000)
+            .await
+            .expect("connect");
+    (server, conn, writer, Keyspace::new("ml/churn", "3"))
+}
+
+/// The refresh keys of run `g` as `holder` sees them, with a claim living `claim_ms`.
+fn refresh_keys(
+    ks: &Keyspace,
+    holder: &str,
+    claim_ms: u64,
+) -> millrace_scorer::batch::repair::RefreshKeys {
+    millrace_scorer::batch::repair::RefreshKeys {
         absent: ks.absent_buckets("g"),
         refreshed: ks.buckets_refreshed("g"),
         claim: ks.refresh_claim("g"),
         holder: holder.to_string(),
-        claim_ms: CLAIM_MS,
-    };
-    let (lapsed, successor) = (keys_of("shard 0 (pod a)"), keys_of("shard 1 (pod b)"));
+        claim_ms,
+    }
+}
+
+/// A holder renews and releases its claim on the refresh only while it holds it: one whose
+/// claim lapsed and was taken over leaves its successor's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_renewed_and_released_only_by_its_holder() {
+    use millrace_scorer::batch::repair::{CLAIM_MS, release_claim, renew_claim};
+    let (_server, mut conn, writer, ks) = claim_fixture().await;
+    let (lapsed, successor) = (
+        refresh_keys(&ks, "shard 0 (pod a)", CLAIM_MS),
+        refresh_keys(&ks, "shard 1 (pod b)", CLAIM_MS),
+    );
     let _: () = redis::cmd("SET")
         .arg(&successor.claim)
         .arg(&successor.holder)
@@ -1370,24 +1391,12 @@ async fn a_claim_is_renewed_and_released_only_by_its_holder() {
 /// over and refresh every bucket again), and the claim is gone once the mark is set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_refresh_keeps_its_claim_alive() {
-    use millrace_scorer::batch::repair::{RefreshKeys, refresh};
-    use millrace_scorer::batch::writer::PredictionWriter;
-    let server = RedisServer::start();
-    let mut conn = connection(&server.url()).await;
-    let writer = PredictionWriter::connect(&server.url(), false, 60_000)
-        .await
-        .expect("connect");
-    let ks = Keyspace::new("ml/churn", "3");
+    use millrace_scorer::batch::repair::refresh;
+    let (_server, mut conn, writer, ks) = claim_fixture().await;
     // 256Ki buckets take seconds to refresh here: many claims' lives.
     let layout = ks.batch_layout("g", 1 << 18);
     let claim_ms = 300;
-    let keys = RefreshKeys {
-        absent: ks.absent_buckets("g"),
-        refreshed: ks.buckets_refreshed("g"),
-        claim: ks.refresh_claim("g"),
-        holder: "shard 0 (pod a)".into(),
-        claim_ms,
-    };
+    let keys = refresh_keys(&ks, "shard 0 (pod a)", claim_ms);
     let watched = (keys.claim.clone(), keys.refreshed.clone());
     let watcher = tokio::spawn(async move {
         let (claim, refreshed) = watched;
