@@ -1337,16 +1337,17 @@ async fn claim_fixture() -> (
     (server, conn, writer, Keyspace::new("ml/churn", "3"))
 }
 
-/// The refresh keys of run `g` as `holder` sees them, with a claim living `claim_ms`.
+/// The refresh keys of run `run` as `holder` sees them, with a claim living `claim_ms`.
 fn refresh_keys(
     ks: &Keyspace,
+    run: &str,
     holder: &str,
     claim_ms: u64,
 ) -> millrace_scorer::batch::repair::RefreshKeys {
     millrace_scorer::batch::repair::RefreshKeys {
-        absent: ks.absent_buckets("g"),
-        refreshed: ks.buckets_refreshed("g"),
-        claim: ks.refresh_claim("g"),
+        absent: ks.absent_buckets(run),
+        refreshed: ks.buckets_refreshed(run),
+        claim: ks.refresh_claim(run),
         holder: holder.to_string(),
         claim_ms,
     }
@@ -1359,8 +1360,8 @@ async fn a_claim_is_renewed_and_released_only_by_its_holder() {
     use millrace_scorer::batch::repair::{CLAIM_MS, release_claim, renew_claim};
     let (_server, mut conn, writer, ks) = claim_fixture().await;
     let (lapsed, successor) = (
-        refresh_keys(&ks, "shard 0 (pod a)", CLAIM_MS),
-        refresh_keys(&ks, "shard 1 (pod b)", CLAIM_MS),
+        refresh_keys(&ks, "g", "shard 0 (pod a)", CLAIM_MS),
+        refresh_keys(&ks, "g", "shard 1 (pod b)", CLAIM_MS),
     );
     let _: () = redis::cmd("SET")
         .arg(&successor.claim)
@@ -1396,7 +1397,7 @@ async fn a_slow_refresh_keeps_its_claim_alive() {
     // 256Ki buckets take seconds to refresh here: many claims' lives.
     let layout = ks.batch_layout("g", 1 << 18);
     let claim_ms = 300;
-    let keys = refresh_keys(&ks, "shard 0 (pod a)", claim_ms);
+    let keys = refresh_keys(&ks, "g", "shard 0 (pod a)", claim_ms);
     let watched = (keys.claim.clone(), keys.refreshed.clone());
     let watcher = tokio::spawn(async move {
         let (claim, refreshed) = watched;
@@ -1442,6 +1443,111 @@ async fn a_slow_refresh_keeps_its_claim_alive() {
         lapsed.first()
     );
     assert!(!left, "released once the mark was set");
+}
+
+/// A holder that stalls past its claim's life while another shard takes over and finishes
+/// first uses the run's record, not only what it found itself: by the time it looked, the
+/// other shards' writes may have recreated buckets that were absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_claim_was_taken_over_uses_the_record() {
+    use millrace_scorer::batch::repair::refresh;
+    let (_server, mut conn, writer, ks) = claim_fixture().await;
+    let layout = ks.batch_layout("g", 1 << 18);
+    // Bucket 7 exists when this shard looks (another shard's write recreated it), but the
+    // shard that took over found it absent before any write.
+    let recreated = 7u32;
+    let _: () = conn
+        .hset(layout.bucket_key(recreated), "e", 1)
+        .await
+        .expect("bucket");
+    let keys = refresh_keys(&ks, "g", "shard 0 (pod a)", 300);
+    let successor = refresh_keys(&ks, "g", "shard 1 (pod b)", 300);
+    let taking_over = tokio::spawn(async move {
+        loop {
+            let holder: Option<String> = conn.get(&successor.claim).await.expect("get");
+            if holder.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _: () = conn
+            .set(&successor.claim, &successor.holder)
+            .await
+            .expect("take over");
+        let member = recreated.to_le_bytes().to_vec();
+        let _: i64 = conn.sadd(&successor.absent, member).await.expect("record");
+        let _: () = conn.set(&successor.refreshed, "1").await.expect("mark");
+    });
+
+    let absent = refresh(&writer, &layout, &keys).await.expect("refresh");
+    taking_over.await.expect("successor");
+    assert!(
+        absent.contains(&recreated),
+        "the bucket the successor recorded is repaired by this shard too"
+    );
+    assert_eq!(
+        absent.len(),
+        1 << 18,
+        "every other bucket is absent as well"
+    );
+}
+
+/// Shards racing for the refresh refresh once, even when one finishes (sets the mark and
+/// releases its claim) between another's look for the mark and its claim: that one must
+/// not refresh again, after other shards may have begun writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_racing_for_the_refresh_refresh_once() {
+    use millrace_scorer::batch::repair::{CLAIM_MS, refresh};
+    use millrace_scorer::batch::writer::PredictionWriter;
+    let (server, mut conn, _, ks) = claim_fixture().await;
+    let mut writers = Vec::new();
+    for _ in 0..6 {
+        let writer = PredictionWriter::connect(&server.url(), false, 60_000)
+            .await
+            .expect("connect");
+        writers.push(Arc::new(writer));
+    }
+    let (runs, buckets) = (60, 4);
+    let before = command_calls(&mut conn, "pexpire").await;
+    for run in 0..runs {
+        let generation = format!("race-{run}");
+        let layout = Arc::new(ks.batch_layout(&generation, buckets));
+        for bucket in 0..buckets {
+            let _: () = conn
+                .hset(layout.bucket_key(bucket), "e", 1)
+                .await
+                .expect("bucket");
+        }
+        let racing: Vec<_> = writers
+            .iter()
+            .enumerate()
+            .map(|(shard, writer)| {
+                let (writer, layout) = (Arc::clone(writer), Arc::clone(&layout));
+                let keys = refresh_keys(&ks, &generation, &format!("shard {shard}"), CLAIM_MS);
+                // Staggered by round trips, so that some shard looks for the mark just
+                // before the first one sets it, and claims just after it is released.
+                let delay = (shard + run as usize) % writers.len();
+                tokio::spawn(async move {
+                    for _ in 0..delay {
+                        let look = redis::cmd("EXISTS").arg(&keys.refreshed).clone();
+                        let _: i64 = writer.command(&keys.refreshed, &look).await?;
+                    }
+                    refresh(&writer, &layout, &keys).await
+                })
+            })
+            .collect();
+        for shard in racing {
+            let absent = shard.await.expect("shard").expect("refresh");
+            assert!(absent.is_empty(), "every bucket exists");
+        }
+    }
+    let pexpires = command_calls(&mut conn, "pexpire").await - before;
+    assert_eq!(
+        pexpires,
+        u64::from(buckets) * runs,
+        "one refresh a run: {} runs refreshed twice or more",
+        (pexpires - u64::from(buckets) * runs) / u64::from(buckets)
+    );
 }
 
 /// Rows decided once the refresh has said which buckets are absent are repaired inline:

@@ -108,13 +108,8 @@ pub async fn refresh(
     let mut look = FIRST_LOOK;
     let mut waited_for: Option<String> = None;
     loop {
-        let done: i64 = writer
-            .command(&keys.refreshed, redis::cmd("EXISTS").arg(&keys.refreshed))
-            .await?;
-        if done == 1 {
-            let absent = recorded(writer, &keys.absent).await?;
-            writer.assume_refreshed(layout, &absent);
-            return Ok(absent);
+        if refreshed(writer, keys).await? {
+            return read_record(writer, layout, keys).await;
         }
         let mut claim = redis::cmd("SET");
         claim
@@ -125,6 +120,13 @@ pub async fn refresh(
             .arg(keys.claim_ms);
         let claimed: Option<String> = writer.command(&keys.claim, &claim).await?;
         if claimed.is_some() {
+            // The shard that refreshed may have set the mark and released its claim between
+            // this shard's look and its claim: refreshing again now, while other shards may
+            // be writing, would find buckets their writes recreated and miss them as absent.
+            if refreshed(writer, keys).await? {
+                release_claim(writer, keys).await?;
+                return read_record(writer, layout, keys).await;
+            }
             if let Some(holder) = waited_for {
                 info!(%holder, "the claim on the TTL refresh lapsed (did its shard die?): this shard takes over");
             }
@@ -141,6 +143,26 @@ pub async fn refresh(
         tokio::time::sleep(look).await;
         look = (look * 2).min(LONGEST_LOOK);
     }
+}
+
+/// Whether a shard of this run has finished the refresh (its mark is set).
+async fn refreshed(writer: &PredictionWriter, keys: &RefreshKeys) -> Result<bool, RedisError> {
+    let done: i64 = writer
+        .command(&keys.refreshed, redis::cmd("EXISTS").arg(&keys.refreshed))
+        .await?;
+    Ok(done == 1)
+}
+
+/// What the shard that refreshed recorded: the absent buckets, the others marked as having
+/// their TTL on `writer`.
+async fn read_record(
+    writer: &PredictionWriter,
+    layout: &BatchLayout,
+    keys: &RefreshKeys,
+) -> Result<Vec<u32>, RedisError> {
+    let absent = recorded(writer, &keys.absent).await?;
+    writer.assume_refreshed(layout, &absent);
+    Ok(absent)
 }
 
 /// The refresh itself, by the shard holding the claim: renewed while it runs, released once
@@ -165,19 +187,20 @@ async fn refresh_claimed(
     let absent = loop {
         tokio::select! {
             absent = &mut refreshing => break absent?,
-            _ = renewal.tick(), if !lost => {
-                // Lost (this shard stalled past the claim's life, and another took over):
-                // harmless, since a refresh only extends TTLs and adds to the absent set,
-                // so two at once record the same buckets; but worth a line in the log.
-                if !renew_claim(writer, keys).await? {
-                    lost = true;
-                    warn!(holder = %keys.holder, "this shard's claim on the TTL refresh lapsed before it could renew it (stalled?): another shard may be refreshing too, which is harmless");
-                }
-            }
+            // Lost: no use renewing it again (see below).
+            _ = renewal.tick(), if !lost => lost = !renew_claim(writer, keys).await?,
         }
     };
-    release_claim(writer, keys).await?;
-    Ok(absent)
+    if release_claim(writer, keys).await? {
+        return Ok(absent);
+    }
+    // The claim lapsed while this shard refreshed (it stalled past the claim's life) and
+    // another shard took over. Whichever of the two finished first set the mark, and the
+    // other shards' writes may have recreated absent buckets before this shard looked at
+    // them: what this shard found alone can miss some. The first to finish saw every bucket
+    // before any write and recorded them, so the record (both shards' findings) is whole.
+    warn!(holder = %keys.holder, "this shard's claim on the TTL refresh lapsed while it refreshed (stalled?) and another shard took over: using what both recorded");
+    read_record(writer, layout, keys).await
 }
 
 /// Gives `keys.holder`'s claim on the refresh another `keys.claim_ms`; `false` (and nothing
