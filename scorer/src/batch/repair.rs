@@ -177,29 +177,35 @@ async fn refresh_claimed(
         if !absent.is_empty() {
             record_absent(writer, &keys.absent, &absent).await?;
         }
+        // Already marked: another shard took over a claim that lapsed while this one
+        // stalled, and finished first (see below).
+        let second = refreshed(writer, keys).await?;
         writer.set_with_ttl(&keys.refreshed, "1").await?;
-        Ok::<_, RedisError>(absent)
+        Ok::<_, RedisError>((absent, second))
     };
     tokio::pin!(refreshing);
     let mut renewal = tokio::time::interval(claim_renewal(keys.claim_ms));
     renewal.tick().await; // the first tick is immediate, and the claim is fresh
     let mut lost = false;
-    let absent = loop {
+    let (absent, second) = loop {
         tokio::select! {
-            absent = &mut refreshing => break absent?,
+            done = &mut refreshing => break done?,
             // Lost: no use renewing it again (see below).
             _ = renewal.tick(), if !lost => lost = !renew_claim(writer, keys).await?,
         }
     };
-    if release_claim(writer, keys).await? {
+    if !release_claim(writer, keys).await? {
+        warn!(holder = %keys.holder, "this shard's claim on the TTL refresh lapsed while it refreshed (stalled?) and another shard took over");
+    }
+    if !second {
+        // The first to finish: every bucket was looked at before the mark let any shard
+        // write, so what this shard found is whole.
         return Ok(absent);
     }
-    // The claim lapsed while this shard refreshed (it stalled past the claim's life) and
-    // another shard took over. Whichever of the two finished first set the mark, and the
-    // other shards' writes may have recreated absent buckets before this shard looked at
-    // them: what this shard found alone can miss some. The first to finish saw every bucket
-    // before any write and recorded them, so the record (both shards' findings) is whole.
-    warn!(holder = %keys.holder, "this shard's claim on the TTL refresh lapsed while it refreshed (stalled?) and another shard took over: using what both recorded");
+    // Another shard set the mark first, so the other shards' writes may have recreated
+    // absent buckets before this shard looked at them: what it found alone can miss some.
+    // The first to finish saw every bucket before any write and recorded them, so the
+    // record (both shards' findings) is whole.
     read_record(writer, layout, keys).await
 }
 
