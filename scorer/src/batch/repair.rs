@@ -23,7 +23,11 @@
 //!    others wait for the mark, decoding meanwhile: one `PEXPIRE` per bucket per run,
 //!    where each shard refreshing every bucket itself made it one per bucket per shard (16
 //!    shards over 100M entities: 25M commands on Redis at once, where 1.6M do). A claim
-//!    whose holder died lapses within [`CLAIM_MS`], and a waiting shard takes over.
+//!    whose holder died lapses within [`CLAIM_MS`], and a waiting shard takes over. A shard
+//!    that wins the claim looks for the mark once more before it refreshes (the refresh
+//!    may have finished, and its claim been released, since its first look), and if a
+//!    stalled holder resumes, whichever of the two finishes second uses the record, not
+//!    what it saw alone: writes may have begun during its pass.
 //! 2. **Repaired by every shard, in its own row groups.** A bucket's entities lie anywhere
 //!    in the input, so each shard repairs those of its own row groups, before it counts
 //!    itself done: the operator cannot publish the run before every repair is in.
@@ -177,8 +181,8 @@ async fn refresh_claimed(
         if !absent.is_empty() {
             record_absent(writer, &keys.absent, &absent).await?;
         }
-        // Already marked: another shard took over a claim that lapsed while this one
-        // stalled, and finished first (see below).
+        // Already marked only if two shards refreshed at once (a claim lapsed while its
+        // holder stalled, and another shard took over) and the other finished first.
         let second = refreshed(writer, keys).await?;
         writer.set_with_ttl(&keys.refreshed, "1").await?;
         Ok::<_, RedisError>((absent, second))
