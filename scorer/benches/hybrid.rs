@@ -47,15 +47,22 @@ fn python() -> PathBuf {
 
 /// The baseline's data (features.parquet, model.onnx), generated once per size and cached.
 fn data(entities: usize) -> PathBuf {
+    data_of(entities, 32)
+}
+
+/// [`data`] of `features` features.
+fn data_of(entities: usize, features: usize) -> PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
-    let dir = PathBuf::from(home).join(format!(".cache/millrace/bench/seed-{entities}x32"));
+    let dir = PathBuf::from(home).join(format!(".cache/millrace/bench/seed-{entities}x{features}"));
     if !dir.join("model.onnx").exists() {
-        eprintln!("generating {entities} entities x 32 features with the baseline's generator ...");
+        eprintln!(
+            "generating {entities} entities x {features} features with the baseline's generator ..."
+        );
         let status = Command::new(python())
             .arg(baseline_dir().join("gen_data.py"))
             .arg(&dir)
             .arg(entities.to_string())
-            .arg("32")
+            .arg(features.to_string())
             .status()
             .expect("the project venv");
         assert!(status.success(), "gen_data.py failed");
@@ -398,7 +405,7 @@ for k in range(4):
 fn remote_reads(data: &Path, rounds: usize) {
     use millrace_crds::keys::{Keyspace, bucket_count};
     use millrace_crds::spec::{MissingFeaturePolicy, MissingFeatures};
-    use millrace_scorer::batch::{decode, digest, input::Input, shard};
+    use millrace_scorer::batch::{budget::Budget, decode, digest, input::Input, shard, sizing};
     use object_store::ObjectStoreExt;
     use object_store::throttle::{ThrottleConfig, ThrottledStore};
 
@@ -451,8 +458,9 @@ fn remote_reads(data: &Path, rounds: usize) {
             spool: decode::Spool {
                 dir: std::env::temp_dir(),
                 max_group_bytes: 64 << 20,
-                scratch: millrace_scorer::batch::scratch::Scratch::new(None),
+                scratch: Budget::new(None),
             },
+            memory: Budget::new(Some(sizing::DEFAULT_DECODE_BYTES)),
         };
         let mut timings = Vec::new();
         for in_flight in [2, 4, 8] {
@@ -497,6 +505,67 @@ fn derived_tables(data: &Path, what: &str, script: &str, outputs: &[&Path], done
         .status()
         .expect("python");
     assert!(status.success(), "making {what} failed");
+}
+
+/// A wide table: 256Ki entities of 512 features in four row groups of about 190 MiB, full
+/// runs within the default decoding memory (one group at a time, in record batches cut to
+/// 4 MiB of features) and with room for two groups at once (`--decode-memory 1Gi`).
+fn wide_input(work: &Path, url: &str, rounds: usize) {
+    let (entities, features) = (262_144, 512);
+    let data = data_of(entities, features);
+    let mut cfg = scorer_config_of(&data, 0, features);
+    cfg.key_prefix = "bench/wide".into();
+    let config = write_config(work, "wide.json", &cfg);
+    let run = |generation: &str, memory: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+        command
+            .args(["batch", "--config"])
+            .arg(&config)
+            .env("MILLRACE_REDIS_URL", url)
+            .env("MILLRACE_GENERATION", generation)
+            .env("RUST_LOG", "warn");
+        if let Some(memory) = memory {
+            command.args(["--decode-memory", memory]);
+        }
+        let (time, rss, _) = timed(command);
+        // Its predictions go again (the serve section reads only the rounds' generation),
+        // so Redis does not grow by a generation a run.
+        let layout = cfg.keyspace().batch_layout(
+            generation,
+            millrace_crds::keys::bucket_count(entities as u64),
+        );
+        let keys: Vec<String> = (0..layout.buckets())
+            .map(|b| layout.bucket_key(b))
+            .collect();
+        let mut conn = redis::Client::open(url)
+            .expect("url")
+            .get_connection()
+            .expect("redis");
+        for part in keys.chunks(1024) {
+            let _: () = redis::cmd("UNLINK")
+                .arg(part)
+                .query(&mut conn)
+                .expect("unlink");
+        }
+        (time, rss)
+    };
+    let (within, roomy): (Vec<_>, Vec<_>) = (1..=rounds)
+        .map(|round| {
+            (
+                run(&format!("wide-{round}"), None),
+                run(&format!("wide-roomy-{round}"), Some("1Gi")),
+            )
+        })
+        .unzip();
+    let mib = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.1 as f64));
+    let secs = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.0.as_secs_f64()));
+    println!(
+        "{features} features x {entities} entities (4 row groups of ~190 MiB): peak RSS {:.0} MiB within the default decoding memory ({:.2} s), {:.0} MiB with two groups at once ({:.2} s; medians of {rounds})",
+        mib(&within),
+        secs(&within),
+        mib(&roomy),
+        secs(&roomy),
+    );
 }
 
 /// The feature table as one row group, as pandas and pyarrow write up to 1Mi rows.
@@ -545,7 +614,12 @@ pq.write_table(t, sys.argv[2], row_group_size=65536)
 }
 
 fn scorer_config(data: &Path, memory_entries: i64) -> ScorerConfig {
-    let inputs: Vec<String> = (0..32).map(|i| format!("f{i}")).collect();
+    scorer_config_of(data, memory_entries, 32)
+}
+
+/// [`scorer_config`] for a model of `features` inputs.
+fn scorer_config_of(data: &Path, memory_entries: i64, features: usize) -> ScorerConfig {
+    let inputs: Vec<String> = (0..features).map(|i| format!("f{i}")).collect();
     let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     let mut cfg = support::config(&data.join("model.onnx"), &refs);
     cfg.key_prefix = "bench/hybrid".into();
@@ -873,6 +947,7 @@ fn main() {
     );
 
     remote_reads(&data, batch_rounds);
+    wide_input(work.path(), &url, batch_rounds);
 
     if std::env::var_os("MILLRACE_BENCH_BATCH_ONLY").is_some() {
         return;

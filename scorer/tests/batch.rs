@@ -1556,10 +1556,10 @@ async fn shards_racing_for_the_refresh_refresh_once() {
 /// and leaves the group to the repair pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_decided_after_the_refresh_are_repaired_inline() {
+    use millrace_scorer::batch::budget::Budget;
     use millrace_scorer::batch::decode::{self, DecodePlan, Decoded, Spool};
     use millrace_scorer::batch::input::Input;
     use millrace_scorer::batch::repair::absent_table;
-    use millrace_scorer::batch::scratch::Scratch;
     use millrace_scorer::batch::writer::PredictionWriter;
     use millrace_scorer::batch::{digest, shard};
 
@@ -1609,8 +1609,9 @@ async fn rows_decided_after_the_refresh_are_repaired_inline() {
             spool: Spool {
                 dir: std::env::temp_dir(),
                 max_group_bytes: 64 << 20,
-                scratch: Scratch::new(None),
+                scratch: Budget::new(None),
             },
+            memory: Budget::new(None),
         }
     };
     // (rows marked for repair, rows found unchanged, row groups decided knowing the absent)
@@ -1923,6 +1924,58 @@ async fn spooled_row_groups_stay_within_the_scratch_size() {
     assert!(
         !log.contains("spooled_groups="),
         "nothing was decoded: {log}"
+    );
+}
+
+/// Decoders share `--decode-memory`: with room for two row groups, two are decoded at once;
+/// with less than one group needs, one at a time (a group takes the whole budget), and every
+/// row is scored all the same. What a table of hundreds of features needs to stay within
+/// its pod's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoders_wait_for_room_within_the_decoding_memory() {
+    let setup = Setup::new();
+    let server = RedisServer::start();
+    let mut conn = connection(&server.url()).await;
+    let ids: Vec<usize> = (0..900).collect();
+    write_parquet(&setup.lake().join("a.parquet"), &ids[..500], 128);
+    write_parquet(&setup.lake().join("b.parquet"), &ids[500..], 200);
+    // Small batches: a decoder holds its group while the scorer drains it.
+    let config = setup.config(&format!("file://{}/", setup.lake().display()), 16, 1);
+    let config_path = config_file(setup.dir.path(), &config);
+    let run = |memory: &str, generation: &str| {
+        batch_command(&config_path, &server.url(), generation, 1, 0)
+            .args(["--decoders", "2", "--decode-memory", memory])
+            .output()
+            .expect("run")
+    };
+
+    let out = run("64Mi", "g-room");
+    let [groups, peak] = summary_fields(&out, ["decode_peak_groups", "decode_peak_bytes"]);
+    assert_eq!(
+        groups,
+        2,
+        "room for both: two decoders at once, or this test proves nothing: {}",
+        stderr(&out)
+    );
+    assert!(
+        (1..64 << 20).contains(&peak),
+        "estimated {peak} bytes for two small groups"
+    );
+
+    let out = run("1Ki", "g-tight");
+    assert_eq!(
+        summary_fields(&out, ["decode_peak_groups", "computed"]),
+        [1, 900],
+        "{}",
+        stderr(&out)
+    );
+    assert_scored_as(&mut conn, &setup, "g-tight", 900, |i| i).await;
+
+    let out = run("lots", "g-bad");
+    let log = stderr(&out);
+    assert!(
+        !out.status.success() && log.contains("--decode-memory") && log.contains("not a size"),
+        "{log}"
     );
 }
 

@@ -32,7 +32,9 @@ pub struct BatchSpec {
     #[schemars(range(min = 1, max = 1000))]
     pub shards: i32,
 
-    /// Rows per ONNX run and per Redis pipeline (1-1048576). Default: 4096.
+    /// Rows per ONNX run and per Redis pipeline (1-1048576); a wide table's are cut to hold
+    /// at most 4 MiB of features (2,048 rows of 512 features), so memory does not grow with
+    /// the model's inputs. Default: 4096.
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 1_048_576))]
     pub batch_size: i32,
@@ -82,7 +84,9 @@ pub struct BatchSpec {
     #[serde(default)]
     pub use_node_pool: bool,
 
-    /// Resources of each batch pod.
+    /// Resources of each batch pod. A shard decodes row groups within a third of its memory
+    /// limit (256 MiB without one): a table whose row groups are wider than that is decoded
+    /// one group at a time rather than run out of memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
@@ -100,9 +104,10 @@ pub struct BatchSpec {
     pub scratch_size: Option<String>,
 }
 
-/// The bytes of a [`BatchSpec::scratch_size`]: an integer with an optional binary (`Ki`,
-/// `Mi`, `Gi`, `Ti`) or decimal (`k`, `M`, `G`, `T`) suffix; `None` for anything else.
-pub fn scratch_bytes(size: &str) -> Option<u64> {
+/// The bytes of a quantity such as [`BatchSpec::scratch_size`] (or the scorer's
+/// `--decode-memory`): an integer with an optional binary (`Ki`, `Mi`, `Gi`, `Ti`) or
+/// decimal (`k`, `M`, `G`, `T`) suffix; `None` for anything else.
+pub fn quantity_bytes(size: &str) -> Option<u64> {
     let digits = size
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(size.len());
@@ -154,13 +159,13 @@ mod tests {
 
     #[test]
     fn scratch_sizes_read_as_kubernetes_quantities() {
-        assert_eq!(scratch_bytes("512"), Some(512));
-        assert_eq!(scratch_bytes("4Gi"), Some(4 << 30));
-        assert_eq!(scratch_bytes("10G"), Some(10_000_000_000));
-        assert_eq!(scratch_bytes("1Ki"), Some(1024));
+        assert_eq!(quantity_bytes("512"), Some(512));
+        assert_eq!(quantity_bytes("4Gi"), Some(4 << 30));
+        assert_eq!(quantity_bytes("10G"), Some(10_000_000_000));
+        assert_eq!(quantity_bytes("1Ki"), Some(1024));
         for bad in ["", "Gi", "4GB", "1.5Gi", "-1", "4 Gi"] {
-            assert_eq!(scratch_bytes(bad), None, "{bad:?}");
+            assert_eq!(quantity_bytes(bad), None, "{bad:?}");
         }
-        assert_eq!(scratch_bytes("999999999999999Ti"), None, "overflow");
+        assert_eq!(quantity_bytes("999999999999999Ti"), None, "overflow");
     }
 }

@@ -80,7 +80,7 @@ pub fn scorer_config(resource: &InferenceDeployment) -> ScorerConfig {
             scratch_bytes: batch
                 .scratch_size
                 .as_deref()
-                .map(|size| millrace_crds::spec::scratch_bytes(size).unwrap_or(u64::MAX)),
+                .map(|size| millrace_crds::spec::quantity_bytes(size).unwrap_or(u64::MAX)),
         }),
     }
 }

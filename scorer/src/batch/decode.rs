@@ -19,6 +19,7 @@ use millrace_crds::spec::MissingFeatures;
 use tokio::sync::mpsc;
 
 use super::BatchError;
+use super::budget::Budget;
 use super::convert::{Location, scan};
 use super::digest;
 use super::index::{self, GroupIndex, KnownIndex, SeenTwice};
@@ -26,7 +27,6 @@ use super::input::{GroupSource, Input, InputError};
 use super::removal;
 use super::repair;
 use super::scoring::{Expected, Group};
-use super::scratch::Scratch;
 use super::shard::Unit;
 use super::writer::PredictionWriter;
 
@@ -148,6 +148,9 @@ pub struct DecodePlan {
     pub ttl_ms: u64,
     /// Where row groups too large for memory go.
     pub spool: Spool,
+    /// The memory the decoders share: each reserves what its row group is estimated to hold
+    /// while it is decoded ([`Input::decode_bytes`]) before reading it.
+    pub memory: Arc<Budget>,
 }
 
 /// Row groups whose chunks (the columns read, compressed) exceed `max_group_bytes` are
@@ -160,7 +163,7 @@ pub struct Spool {
     /// The largest row group held in memory.
     pub max_group_bytes: u64,
     /// The disk the shard may spool to at once.
-    pub scratch: Arc<Scratch>,
+    pub scratch: Arc<Budget>,
 }
 
 /// Row groups an object store's reads may hold in memory (or on disk, spooled) at once.
@@ -311,7 +314,13 @@ async fn decode_unit(
     // A row group larger than the limit goes to local disk first and is decoded from
     // there page by page, so memory does not grow with row group size.
     let spooled = size > plan.spool.max_group_bytes;
-    // Held until the group is decoded and its spool file gone (the function's end).
+    // Both held until the group is decoded and its spool file gone (the function's end).
+    // Memory first, then disk, in every decoder: none holds one while another, holding the
+    // other, waits for it.
+    let _memory = plan
+        .memory
+        .reserve(plan.input.decode_bytes(unit, &columns, !spooled))
+        .await;
     let _scratch = match spooled {
         true => Some(plan.spool.scratch.reserve(size).await),
         false => None,

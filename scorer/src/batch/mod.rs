@@ -40,6 +40,7 @@
 //! (`MILLRACE_GENERATION`), the shard count `MILLRACE_SHARDS`, the shard index Kubernetes'
 //! `JOB_COMPLETION_INDEX`.
 
+pub mod budget;
 pub mod convert;
 pub mod decode;
 pub mod digest;
@@ -50,8 +51,8 @@ pub mod progress;
 pub mod removal;
 pub mod repair;
 pub mod scoring;
-pub mod scratch;
 pub mod shard;
+pub mod sizing;
 pub mod writer;
 
 use std::sync::Arc;
@@ -63,11 +64,11 @@ use tracing::{info, warn};
 
 use crate::job::{JobArgs, JobError};
 use crate::model::{Model, ModelError, SessionOptions};
+use budget::Budget;
 use convert::ConvertError;
 use input::{Input, InputError};
 use progress::Progress;
 use scoring::{IndexPlace, Scoring};
-use scratch::Scratch;
 use writer::PredictionWriter;
 
 /// Rows per ONNX run and Redis pipeline when the config has no batch section.
@@ -117,11 +118,25 @@ pub struct BatchArgs {
     /// directory (the pod's `/tmp` volume).
     #[arg(long, env = "MILLRACE_SPOOL_DIR")]
     pub spool_dir: Option<std::path::PathBuf>,
+    /// Memory the decoders share (`256Mi`, `1Gi`: bytes with an optional suffix): each
+    /// reserves what decoding its row group holds, estimated from the footer (every column's
+    /// dictionary and one page, and the group itself if it is held in memory), and waits
+    /// while the others hold the rest; a row group needing more than all of it is decoded
+    /// alone. Default: a third of the container's memory limit, or 256Mi without one.
+    #[arg(long, env = "MILLRACE_DECODE_MEMORY", value_parser = parse_quantity)]
+    pub decode_memory: Option<u64>,
     /// Entities gone from their row groups the last shard of an incremental run sorts out
     /// at most (about 24 bytes of memory each). Past it (the table laid out anew, rather than
     /// entities deleted) they are dropped: those really gone stay until the rebuild.
     #[arg(long, default_value_t = removal::MAX_CANDIDATES)]
     pub max_removal_candidates: usize,
+}
+
+/// A byte quantity flag (`192Mi`, `1Gi`, `500M`, `1048576`).
+fn parse_quantity(text: &str) -> Result<u64, String> {
+    millrace_crds::spec::quantity_bytes(text).ok_or_else(|| {
+        format!("{text:?} is not a size: an integer with an optional suffix Ki, Mi, Gi, Ti, k, M, G or T")
+    })
 }
 
 /// Why a shard failed. The shard is then not recorded as done, and the run is not published.
@@ -253,6 +268,11 @@ pub struct Summary {
     pub spooled_groups: u64,
     /// The most bytes spooled at once (what `batch.scratchSize` must allow).
     pub spool_peak_bytes: u64,
+    /// The most decoding memory reserved at once, as estimated (what `--decode-memory`
+    /// would have to allow for no decoder to wait).
+    pub decode_peak_bytes: u64,
+    /// The most row groups decoded at once.
+    pub decode_peak_groups: u64,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -533,7 +553,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         }
     };
     let max_group_bytes = args.max_group_mib.saturating_mul(1 << 20);
-    let scratch = Scratch::new(config.batch.as_ref().and_then(|b| b.scratch_bytes));
+    let scratch = Budget::new(config.batch.as_ref().and_then(|b| b.scratch_bytes));
+    let memory = Budget::new(Some(sizing::decode_budget(
+        args.decode_memory,
+        sizing::container_memory_limit(),
+    )));
+    let record_batch_rows = sizing::rows_per_batch(batch_size, config.model.inputs.len());
     if let Some(limit) = scratch.limit() {
         for unit in &units {
             let needed = input.chunk_bytes(unit, &columns)?;
@@ -550,6 +575,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
     info!(
         generation = %args.generation, shard = args.shard_index, shards, files = input.files.len(),
         row_groups = units.len(), rows = total, input_rows = all_rows, row_groups_in_flight = in_flight,
+        decode_memory_bytes = memory.limit().unwrap_or(0), record_batch_rows,
         %uri, "scoring this shard"
     );
 
@@ -663,7 +689,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         id_column: id_column.clone(),
         inputs: config.model.inputs.clone(),
         missing,
-        batch_size,
+        batch_size: record_batch_rows,
         keyspace: keyspace.clone(),
         generation: target.clone(),
         layout: Arc::clone(&layout),
@@ -677,6 +703,7 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
             max_group_bytes,
             scratch: Arc::clone(&scratch),
         },
+        memory: Arc::clone(&memory),
     };
     // Kept for a repair pass (an incremental run that found buckets absent).
     let repair_plan = plan.clone();
@@ -878,10 +905,12 @@ pub async fn run(args: BatchArgs) -> Result<Summary, BatchError> {
         bytes_read,
         spooled_groups,
         spool_peak_bytes: scratch.peak(),
+        decode_peak_bytes: memory.peak(),
+        decode_peak_groups: memory.peak_holders(),
         seconds: progress.elapsed().as_secs_f64(),
     };
     info!(
-        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, spool_peak_bytes = scratch.peak(), filled, skipped, withdrawn, removed, repaired,
+        generation = %args.generation, shard = args.shard_index, rows, computed = written, carried, settled_by_index = settled, unread_groups, bytes_read, spooled_groups, spool_peak_bytes = scratch.peak(), decode_peak_bytes = memory.peak(), decode_peak_groups = memory.peak_holders(), filled, skipped, withdrawn, removed, repaired,
         seconds = format!("{:.2}", summary.seconds), rows_per_second = progress.rate().round(),
         "shard done"
     );

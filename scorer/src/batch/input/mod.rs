@@ -30,6 +30,7 @@ use object::external;
 pub use spool::Spooled;
 
 use super::shard::Unit;
+use super::sizing::column_decode_bytes;
 use crate::fetch::{FetchError, store_for};
 
 /// The input cannot be read.
@@ -324,6 +325,35 @@ impl Input {
         }
         ranges.sort_by_key(|r| r.start);
         Ok(ranges)
+    }
+
+    /// What decoding `unit`'s row group (`columns` of it) is estimated to hold at once: each
+    /// chunk's dictionary and one data page ([`column_decode_bytes`]), and the compressed
+    /// chunks themselves when the group is `held` in memory rather than spooled. What a
+    /// decoder reserves of the shard's decoding memory before it reads the group.
+    pub fn decode_bytes(&self, unit: &Unit, columns: &[&str], held: bool) -> u64 {
+        let file = &self.files[unit.file];
+        let mask = Self::projection(file, columns);
+        let group = file.metadata.metadata().row_group(unit.row_group);
+        group
+            .columns()
+            .iter()
+            .enumerate()
+            .filter(|(leaf, _)| mask.leaf_included(*leaf))
+            .map(|(_, column)| {
+                let held_bytes = match held {
+                    true => u64::try_from(column.compressed_size()).unwrap_or(0),
+                    false => 0,
+                };
+                held_bytes
+                    + column_decode_bytes(
+                        column.dictionary_page_offset(),
+                        column.data_page_offset(),
+                        column.compressed_size(),
+                        column.uncompressed_size(),
+                    )
+            })
+            .sum()
     }
 
     /// `builder` set to decode `unit`'s row group of `file`, only `columns`, in record
