@@ -264,6 +264,28 @@ fn timed(mut cmd: Command) -> (Duration, u64, String) {
     (elapsed, peak_kib / 1024, text)
 }
 
+/// `millrace-scorer batch` of `config` as `generation` against `url`, logging at `log`.
+fn batch_command(config: &Path, url: &str, generation: &str, log: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
+    command
+        .args(["batch", "--config"])
+        .arg(config)
+        .env("MILLRACE_REDIS_URL", url)
+        .env("MILLRACE_GENERATION", generation)
+        .env("RUST_LOG", log);
+    command
+}
+
+/// The median peak RSS (MiB) of `runs` ([`timed`]'s time and RSS).
+fn median_mib(runs: &[(Duration, u64)]) -> f64 {
+    median(runs.iter().map(|r| r.1 as f64))
+}
+
+/// The median seconds of `runs`.
+fn median_secs(runs: &[(Duration, u64)]) -> f64 {
+    median(runs.iter().map(|r| r.0.as_secs_f64()))
+}
+
 /// One round of the batch section: a full run, then an incremental one on top of it.
 struct Round {
     full_time: Duration,
@@ -297,14 +319,7 @@ impl BatchRun<'_> {
     /// done), then an incremental run on top of it, which updates it in place.
     fn round(&self, generation: &str, conn: &mut redis::Connection) -> Round {
         let run = |config: &Path, generation: &str, log: &str| {
-            let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
-            command
-                .args(["batch", "--config"])
-                .arg(config)
-                .env("MILLRACE_REDIS_URL", self.url)
-                .env("MILLRACE_GENERATION", generation)
-                .env("RUST_LOG", log);
-            timed(command)
+            timed(batch_command(config, self.url, generation, log))
         };
         let memory_before = used_memory(self.url);
         let (full_time, full_rss, _) = run(self.full, generation, "warn");
@@ -517,13 +532,7 @@ fn wide_input(work: &Path, url: &str, rounds: usize) {
     cfg.key_prefix = "bench/wide".into();
     let config = write_config(work, "wide.json", &cfg);
     let run = |generation: &str, memory: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
-        command
-            .args(["batch", "--config"])
-            .arg(&config)
-            .env("MILLRACE_REDIS_URL", url)
-            .env("MILLRACE_GENERATION", generation)
-            .env("RUST_LOG", "warn");
+        let mut command = batch_command(&config, url, generation, "warn");
         if let Some(memory) = memory {
             command.args(["--decode-memory", memory]);
         }
@@ -557,14 +566,12 @@ fn wide_input(work: &Path, url: &str, rounds: usize) {
             )
         })
         .unzip();
-    let mib = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.1 as f64));
-    let secs = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.0.as_secs_f64()));
     println!(
         "{features} features x {entities} entities (4 row groups of ~190 MiB): peak RSS {:.0} MiB within the default decoding memory ({:.2} s), {:.0} MiB with two groups at once ({:.2} s; medians of {rounds})",
-        mib(&within),
-        secs(&within),
-        mib(&roomy),
-        secs(&roomy),
+        median_mib(&within),
+        median_secs(&within),
+        median_mib(&roomy),
+        median_secs(&roomy),
     );
 }
 
@@ -919,14 +926,8 @@ fn main() {
     }
     let group_config = write_config(work.path(), "one-group.json", &group_cfg);
     let run_one_group = |generation: &str, max_group_mib: &str| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_millrace-scorer"));
-        command
-            .args(["batch", "--config"])
-            .arg(&group_config)
-            .args(["--max-group-mib", max_group_mib])
-            .env("MILLRACE_REDIS_URL", &url)
-            .env("MILLRACE_GENERATION", generation)
-            .env("RUST_LOG", "warn");
+        let mut command = batch_command(&group_config, &url, generation, "warn");
+        command.args(["--max-group-mib", max_group_mib]);
         timed(command)
     };
     let (held, spooled): (Vec<_>, Vec<_>) = (1..=batch_rounds)
@@ -936,14 +937,12 @@ fn main() {
             ((held.0, held.1), (spooled.0, spooled.1))
         })
         .unzip();
-    let mib = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.1 as f64));
-    let secs = |runs: &[(Duration, u64)]| median(runs.iter().map(|r| r.0.as_secs_f64()));
     println!(
         "one row group of 1M rows (pyarrow's default size): peak RSS {:.0} MiB held in memory ({:.2} s), {:.0} MiB spooled to disk and decoded a page at a time ({:.2} s; medians of {batch_rounds})",
-        mib(&held),
-        secs(&held),
-        mib(&spooled),
-        secs(&spooled),
+        median_mib(&held),
+        median_secs(&held),
+        median_mib(&spooled),
+        median_secs(&spooled),
     );
 
     remote_reads(&data, batch_rounds);

@@ -124,15 +124,18 @@ impl Drop for Reservation {
 mod tests {
     use super::*;
 
+    /// A reservation of `bytes` on a task of its own, to see whether it waits.
+    fn reserve_later(budget: &Arc<Budget>, bytes: u64) -> tokio::task::JoinHandle<Reservation> {
+        let budget = Arc::clone(budget);
+        tokio::spawn(async move { budget.reserve(bytes).await })
+    }
+
     #[tokio::test]
     async fn reservations_wait_for_room_and_the_peak_is_kept() {
         let budget = Budget::new(Some(10_000));
         assert!(budget.fits(10_000) && !budget.fits(10_001));
         let first = budget.reserve(6_000).await;
-        let waiting = {
-            let budget = Arc::clone(&budget);
-            tokio::spawn(async move { budget.reserve(6_000).await })
-        };
+        let waiting = reserve_later(&budget, 6_000);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiting.is_finished(), "12,000 bytes would not fit");
         drop(first);
@@ -153,10 +156,7 @@ mod tests {
     async fn more_than_the_budget_waits_for_all_of_it_and_holders_are_counted() {
         let budget = Budget::new(Some(10_000));
         let small = budget.reserve(1_000).await;
-        let wide = {
-            let budget = Arc::clone(&budget);
-            tokio::spawn(async move { budget.reserve(50_000).await })
-        };
+        let wide = reserve_later(&budget, 50_000);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(
             !wide.is_finished(),
@@ -164,10 +164,7 @@ mod tests {
         );
         drop(small);
         let wide = wide.await.expect("reserved alone");
-        let after = {
-            let budget = Arc::clone(&budget);
-            tokio::spawn(async move { budget.reserve(1_000).await })
-        };
+        let after = reserve_later(&budget, 1_000);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(
             !after.is_finished(),
