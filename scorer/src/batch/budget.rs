@@ -130,14 +130,19 @@ mod tests {
         tokio::spawn(async move { budget.reserve(bytes).await })
     }
 
+    /// Whether `reservation` is still waiting once the others have had 20 ms to let it in.
+    async fn still_waiting(reservation: &tokio::task::JoinHandle<Reservation>) -> bool {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        !reservation.is_finished()
+    }
+
     #[tokio::test]
     async fn reservations_wait_for_room_and_the_peak_is_kept() {
         let budget = Budget::new(Some(10_000));
         assert!(budget.fits(10_000) && !budget.fits(10_001));
         let first = budget.reserve(6_000).await;
         let waiting = reserve_later(&budget, 6_000);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert!(!waiting.is_finished(), "12,000 bytes would not fit");
+        assert!(still_waiting(&waiting).await, "12,000 bytes would not fit");
         drop(first);
         let second = waiting.await.expect("reserved once the first is freed");
         assert_eq!(budget.peak(), 6_000);
@@ -157,17 +162,15 @@ mod tests {
         let budget = Budget::new(Some(10_000));
         let small = budget.reserve(1_000).await;
         let wide = reserve_later(&budget, 50_000);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(
-            !wide.is_finished(),
+            still_waiting(&wide).await,
             "a group wider than the budget waits until nobody else holds any"
         );
         drop(small);
         let wide = wide.await.expect("reserved alone");
         let after = reserve_later(&budget, 1_000);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(
-            !after.is_finished(),
+            still_waiting(&after).await,
             "and nobody else starts while it holds it"
         );
         drop(wide);
