@@ -10,7 +10,13 @@ use millrace_crds::reference::{REFERENCE_PATH, reference_markdown};
 
 fn main() -> ExitCode {
     let check = std::env::args().any(|arg| arg == "--check");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    // The checkout `cargo run` was started from: cargo sets the variable when it runs the
+    // binary. The path compiled in is only the fallback, since two checkouts sharing one
+    // target directory share this binary, and the one built last would otherwise check
+    // (or write) the other's files.
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let root = PathBuf::from(manifest_dir).join("..");
     let yaml = match crd_yaml() {
         Ok(yaml) => yaml,
         Err(error) => {
