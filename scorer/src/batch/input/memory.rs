@@ -54,6 +54,7 @@ impl Input {
         let read = futures::future::try_join_all(reads)
             .await
             .map_err(|error| read_error(file, unit, error))?;
+        self.confirm_unchanged(file).await?;
         let bytes_read = read.iter().map(|b| b.len() as u64).sum();
         let spans = GroupBytes {
             ranges: spans,

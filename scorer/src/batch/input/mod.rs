@@ -6,6 +6,7 @@
 //! to an anonymous local file and decoded from there a page at a time ([`Input::spool`], in
 //! `spool`), so memory stays flat however large its row groups are too.
 
+mod local;
 mod memory;
 mod object;
 mod spool;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
@@ -62,6 +64,15 @@ pub enum InputError {
         /// Why.
         #[source]
         source: parquet::errors::ParquetError,
+    },
+    /// A local file's status cannot be read.
+    #[error("{file}: cannot read the file's status: {source}")]
+    Status {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// A file has no rows.
     #[error("{file}: the file has no rows")]
@@ -119,8 +130,13 @@ pub struct InputFile {
     pub uri: String,
     path: ObjectPath,
     size: u64,
-    /// The store's version of the object when it was listed (its ETag), if it has one.
+    /// The store's version of the object when it was listed (its ETag), if it has one:
+    /// every read is conditional on it.
     e_tag: Option<String>,
+    /// A local file's change time when it was listed, checked again after every read.
+    stamp: Option<local::Stamp>,
+    /// The version the run records (the ETag, and a local file's change time).
+    version: Option<String>,
     metadata: ArrowReaderMetadata,
 }
 
@@ -175,12 +191,35 @@ impl Input {
             });
         }
         let base = uri_base(uri);
+        // A local file's ETag can stay as listed through a rewrite in place: its change
+        // time cannot (see `local`).
+        let local = uri.starts_with("file:").then(LocalFileSystem::new);
         // Every shard reads every footer: concurrently, one request each, so a table of
         // thousands of files on an object store does not take minutes to open.
         let files = futures::stream::iter(objects.into_iter().map(|(path, size, e_tag)| {
             let store = Arc::clone(&store);
             let file_uri = format!("{base}{path}");
+            let on_disk = local.as_ref().map(|fs| fs.path_to_filesystem(&path));
             async move {
+                let stamp = match on_disk {
+                    Some(on_disk) => {
+                        let on_disk = on_disk.map_err(|source| InputError::Store {
+                            uri: file_uri.clone(),
+                            source,
+                        })?;
+                        local::Stamp::of(on_disk)
+                            .await
+                            .map_err(|source| InputError::Status {
+                                file: file_uri.clone(),
+                                source,
+                            })?
+                    }
+                    None => None,
+                };
+                let version = match (&e_tag, &stamp) {
+                    (Some(tag), Some(stamp)) => Some(stamp.version(tag)),
+                    (tag, _) => tag.clone(),
+                };
                 let mut reader = ObjectFile::new(store, path.clone(), size);
                 let metadata =
                     ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
@@ -197,6 +236,8 @@ impl Input {
                     path,
                     size,
                     e_tag,
+                    stamp,
+                    version,
                     metadata,
                 })
             }
@@ -244,9 +285,34 @@ impl Input {
         Ok(())
     }
 
-    /// The version (ETag) file `file` had when it was listed, if the store gives one.
+    /// The version file `file` had when it was listed, if the store gives one: its ETag
+    /// and, for a local file, its change time.
     pub fn version(&self, file: usize) -> Option<&str> {
-        self.files.get(file).and_then(|f| f.e_tag.as_deref())
+        self.files.get(file).and_then(|f| f.version.as_deref())
+    }
+
+    /// Fails with [`InputError::Changed`] if local file `file` changed since it was listed
+    /// (its change time moved): called after its bytes were read, so they belong to the
+    /// version listed. Nothing to check on an object store, whose reads are conditional on
+    /// the ETag.
+    async fn confirm_unchanged(&self, file: &InputFile) -> Result<(), InputError> {
+        let Some(stamp) = &file.stamp else {
+            return Ok(());
+        };
+        let unchanged = stamp
+            .unchanged()
+            .await
+            .map_err(|source| InputError::Status {
+                file: file.uri.clone(),
+                source,
+            })?;
+        match unchanged {
+            true => Ok(()),
+            false => Err(InputError::Changed {
+                file: file.uri.clone(),
+                version: file.version.clone().unwrap_or_default(),
+            }),
+        }
     }
 
     /// `columns` with the types file `file`'s schema gives them (`name:type;` each), for a
@@ -426,7 +492,7 @@ const FOOTER_READS: usize = 32;
 /// Turns a store's error while reading `unit` into the shard's error: a failed version
 /// condition means the file changed after it was listed.
 fn read_error(file: &InputFile, unit: &Unit, error: object_store::Error) -> InputError {
-    match (error, &file.e_tag) {
+    match (error, &file.version) {
         (object_store::Error::Precondition { .. }, Some(version)) => InputError::Changed {
             file: file.uri.clone(),
             version: version.clone(),
@@ -483,5 +549,81 @@ mod tests {
         assert_eq!(coalesce(&[0..10, 16..20], 5), vec![0..10, 16..20]);
         assert_eq!(coalesce(&[40..50, 0..10, 5..12], 0), vec![0..12, 40..50]);
         assert!(coalesce(&[], 5).is_empty());
+    }
+
+    /// A one-row-group table of an id and a feature column at `path`.
+    fn write_table(path: &std::path::Path) {
+        use arrow_array::{ArrayRef, Float32Array, StringArray};
+        let batch = RecordBatch::try_from_iter([
+            (
+                "id",
+                Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef,
+            ),
+            (
+                "x",
+                Arc::new(Float32Array::from(vec![1.0, 2.0, 3.0])) as ArrayRef,
+            ),
+        ])
+        .expect("batch");
+        let file = std::fs::File::create(path).expect("create");
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_local_file_touched_after_it_was_listed_fails_the_read_in_memory_and_spooled() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t.parquet");
+        write_table(&path);
+        let input = Input::open(&format!("file://{}", path.display()))
+            .await
+            .expect("open");
+        let version = input
+            .version(0)
+            .expect("a local file has a version")
+            .to_string();
+        let unit = Unit {
+            file: 0,
+            row_group: 0,
+            rows: 3,
+        };
+        let columns = ["id", "x"];
+        input.fetch(&unit, &columns).await.expect("unchanged: read");
+
+        // Only the change time moves: same inode, size and modification time, so the same
+        // ETag, which is all the store's conditional read looks at.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mtime = std::fs::metadata(&path)
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open")
+            .set_modified(mtime)
+            .expect("touch");
+
+        let changed = |result: Result<(), InputError>| match result {
+            Err(InputError::Changed { file, version: v }) => {
+                assert!(file.ends_with("t.parquet"), "{file}");
+                assert_eq!(v, version);
+            }
+            other => panic!("expected Changed, got {other:?}"),
+        };
+        changed(input.fetch(&unit, &columns).await.map(|_| ()));
+        let mut digest = crate::batch::digest::Digest::new(1);
+        changed(
+            input
+                .spool(&unit, &columns, dir.path(), &mut digest)
+                .await
+                .map(|_| ()),
+        );
+        let reopened = Input::open(&format!("file://{}", path.display()))
+            .await
+            .expect("open");
+        assert_ne!(reopened.version(0), Some(version.as_str()), "a new version");
     }
 }

@@ -87,6 +87,7 @@ impl Input {
                 at += bytes.len() as u64;
             }
         }
+        self.confirm_unchanged(file).await?;
         chunks.finish(digest);
         out.flush().await.map_err(spool_error)?;
         let spooled = out.into_inner().into_std().await;
