@@ -85,7 +85,14 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Ready", "Replicas", "Hit rate", "Last batch", "Age"]
+            [
+                "Ready",
+                "Replicas",
+                "Hit rate",
+                "Cache warm",
+                "Last batch",
+                "Age"
+            ]
         );
         assert!(
             version

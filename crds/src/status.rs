@@ -15,7 +15,10 @@ pub mod condition {
     /// The last batch run published its predictions (False: it failed; the previous
     /// generation keeps serving).
     pub const BATCH_SUCCEEDED: &str = "BatchSucceeded";
-    /// Real-time predictions for likely entities have been warmed into the cache.
+    /// A published batch generation is there to answer from: its predictions have not
+    /// outlived `batchTTL` (False before the first run publishes, once the serving
+    /// generation has expired, and without `spec.batch`: then every prediction is computed
+    /// on request).
     pub const CACHE_WARM: &str = "CacheWarm";
 }
 
@@ -35,6 +38,13 @@ pub struct InferenceDeploymentStatus {
     /// The batch generation scorers read (the published pointer in Redis).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_generation: Option<String>,
+
+    /// When the serving generation's predictions start to expire: the start of the run
+    /// that published it plus `batchTTL` (a run sets the TTL as it starts, or as it first
+    /// writes each bucket, so none expires earlier). Past it, until a later run publishes,
+    /// requests are computed in real time and `CacheWarm` is False.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_expires_at: Option<Time>,
 
     /// The most recent batch run.
     #[serde(default, skip_serializing_if = "Option::is_none")]

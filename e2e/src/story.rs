@@ -232,6 +232,18 @@ pub async fn run(client: &Client, options: &StoryOptions) -> Result<StoryReport,
         status.serving_generation.clone().unwrap_or_default(),
         report.batch_predictions
     ));
+    match condition(&published, "CacheWarm") {
+        Some(warm) if warm.status == "True" => say.say(&format!(
+            "CacheWarm=True ({}): {}",
+            warm.reason, warm.message
+        )),
+        other => {
+            return Err(fail(
+                "batch",
+                format!("a published generation must make CacheWarm True: {other:?}"),
+            ));
+        }
+    }
 
     say.step("After the batch: cache hits, equal to the model's output for the same rows");
     let expected: BTreeMap<String, f64> = serde_json::from_str(

@@ -33,10 +33,12 @@ use crate::build::{BuildOptions, build};
 use crate::claims::prefix_holder;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::publish::{BatchUpdate, JobOutcome, next_to_record, run_status};
+use crate::publish::{BatchUpdate, JobOutcome, expires_at, next_to_record, run_status};
 use crate::redis_store::RedisStore;
 use crate::scaler::Autoscaler;
-use crate::status::{Outcome, condition_status, desired_status};
+use crate::status::{
+    Outcome, cache_warm_changes_in, condition_status, desired_status, set_cache_warm,
+};
 use crate::validate::{Invalid, validate};
 
 /// The finalizer that removes a deleted resource's Redis keys.
@@ -310,7 +312,7 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        refuse(
+        let status = refuse(
             resource,
             ctx,
             &Outcome::Invalid(&problems),
@@ -318,8 +320,9 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
             message,
         )
         .await?;
-        // Nothing to retry: the next spec change brings a new reconcile.
-        return Ok(Action::await_change());
+        // Nothing to retry: the next spec change brings a new reconcile (or the serving
+        // generation's expiry, which the status must show whatever the spec).
+        return Ok(until_cache_expires(&status));
     }
     let watched = ctx.watched().await;
     if let Some(holder) = prefix_holder(resource, well_formed(&watched)) {
@@ -430,7 +433,16 @@ async fn pipeline(resource: &InferenceDeployment, ctx: &Context) -> Result<Actio
         .await;
     }
     batch?;
-    Ok(Action::await_change())
+    Ok(until_cache_expires(&status))
+}
+
+/// Waits for the next change, or until the serving generation expires if that comes
+/// first: `CacheWarm` must turn False then, with nothing else changing.
+fn until_cache_expires(status: &InferenceDeploymentStatus) -> Action {
+    match cache_warm_changes_in(status, &Time(jiff::Timestamp::now())) {
+        Some(left) => Action::requeue(left),
+        None => Action::await_change(),
+    }
 }
 
 /// Records the latest finished batch Job: publishes its generation when every shard
@@ -456,6 +468,7 @@ async fn record_batch(
         JobOutcome::Failed { reason, message } => BatchUpdate {
             run: run_status(job, false, None),
             published: None,
+            expires_at: None,
             message: format!(
                 "batch run {generation} failed ({reason}: {message}); the previous generation keeps serving"
             ),
@@ -483,9 +496,16 @@ async fn record_batch(
                     .publish(&url, cluster, &keyspace.serving_pointer(), &generation)
                     .await?;
                 info!(%generation, predictions = report.predictions, "published a batch generation");
+                let run = run_status(job, true, Some(&report));
+                // The spec passed validation, so its batchTTL parses.
+                let expires_at =
+                    millrace_crds::spec::duration::parse(&resource.spec.cache.batch_ttl)
+                        .ok()
+                        .and_then(|ttl| expires_at(&run, ttl, &Time(jiff::Timestamp::now())));
                 BatchUpdate {
-                    run: run_status(job, true, Some(&report)),
+                    run,
                     published: Some(generation.clone()),
+                    expires_at,
                     reason: "Published".into(),
                     message: format!(
                         "generation {generation} published: {} predictions from {shards} shards",
@@ -496,6 +516,7 @@ async fn record_batch(
                 BatchUpdate {
                     run: run_status(job, false, Some(&report)),
                     published: None,
+                    expires_at: None,
                     reason: "ShardsUnconfirmed".into(),
                     message: format!(
                         "Job {generation} completed but only {} of {shards} shards recorded completion in Redis; not published, the previous generation keeps serving",
@@ -584,7 +605,7 @@ async fn refuse(
     outcome: &Outcome<'_>,
     reason: &str,
     message: String,
-) -> Result<(), Error> {
+) -> Result<InferenceDeploymentStatus, Error> {
     let status = update_status(resource, ctx, outcome, None, None, None).await?;
     if changed_to(resource, &status, condition::DEGRADED, "True") {
         event(
@@ -597,7 +618,7 @@ async fn refuse(
         )
         .await;
     }
-    Ok(())
+    Ok(status)
 }
 
 /// Removes every Redis key of `resource` (all model versions) and nothing else. If Redis
@@ -723,13 +744,19 @@ async fn update_status(
     autoscaling: Option<&millrace_crds::status::AutoscalingStatus>,
 ) -> Result<InferenceDeploymentStatus, Error> {
     let now = Time(jiff::Timestamp::now());
-    let status = desired_status(
+    let mut status = desired_status(
         resource.metadata.generation,
         resource.status.as_ref(),
         outcome,
         run_token,
         batch,
         autoscaling,
+        &now,
+    );
+    set_cache_warm(
+        &mut status,
+        resource.metadata.generation,
+        resource.spec.batch.is_some(),
         &now,
     );
     if resource.status.as_ref() == Some(&status) {

@@ -2,7 +2,10 @@
 //! succeeded and recorded completion in Redis) or report why not. A failed or partial run is
 //! never published: the previous generation keeps serving until its TTL.
 
+use std::time::Duration;
+
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use millrace_crds::InferenceDeployment;
 use millrace_crds::status::BatchRunStatus;
@@ -30,6 +33,8 @@ pub struct BatchUpdate {
     pub run: BatchRunStatus,
     /// The generation now serving, when this run was published.
     pub published: Option<String>,
+    /// When the published generation starts to expire ([`expires_at`]).
+    pub expires_at: Option<Time>,
     /// Why BatchSucceeded is what it is.
     pub reason: String,
     /// Details for humans.
@@ -90,5 +95,56 @@ pub fn run_status(job: &Job, succeeded: bool, report: Option<&ShardReport>) -> B
         removed: report.and_then(|r| r.removed),
         repaired: report.and_then(|r| r.repaired),
         succeeded,
+    }
+}
+
+/// When the generation `run` published starts to expire, its predictions living `ttl`:
+/// the run's start plus `ttl`, since a run sets the TTL as it starts (an incremental run,
+/// on every bucket) or as it first writes each bucket (a full run), so none expires
+/// earlier. A run without a recorded start counts from its completion, then from `now`:
+/// later than the truth, but only by the run's length.
+pub fn expires_at(run: &BatchRunStatus, ttl: Duration, now: &Time) -> Option<Time> {
+    let from = run
+        .start_time
+        .as_ref()
+        .or(run.completion_time.as_ref())
+        .unwrap_or(now);
+    from.0.checked_add(ttl).ok().map(Time)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> Time {
+        Time(text.parse().expect("timestamp"))
+    }
+
+    #[test]
+    fn a_generation_expires_its_ttl_after_its_run_started() {
+        let now = at("2026-12-02T12:00:00Z");
+        let mut run = BatchRunStatus {
+            generation: "g".into(),
+            start_time: Some(at("2026-12-02T02:00:00Z")),
+            completion_time: Some(at("2026-12-02T02:10:00Z")),
+            succeeded: true,
+            ..BatchRunStatus::default()
+        };
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            expires_at(&run, day, &now),
+            Some(at("2026-12-03T02:00:00Z"))
+        );
+        run.start_time = None;
+        assert_eq!(
+            expires_at(&run, day, &now),
+            Some(at("2026-12-03T02:10:00Z")),
+            "no start recorded: from the completion"
+        );
+        run.completion_time = None;
+        assert_eq!(
+            expires_at(&run, day, &now),
+            Some(at("2026-12-03T12:00:00Z"))
+        );
     }
 }

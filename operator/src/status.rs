@@ -2,6 +2,8 @@
 //! why nothing was), keeping `lastTransitionTime` for conditions whose status did not change
 //! so that an unchanged world produces an identical status and no patch.
 
+use std::time::Duration;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use millrace_crds::status::{AutoscalingStatus, InferenceDeploymentStatus, condition};
@@ -57,6 +59,7 @@ pub fn desired_status(
         status.last_batch = Some(batch.run.clone());
         if let Some(generation) = &batch.published {
             status.serving_generation = Some(generation.clone());
+            status.serving_expires_at = batch.expires_at.clone();
         }
         set(
             &mut status,
@@ -144,6 +147,83 @@ pub fn desired_status(
         }
     }
     status
+}
+
+/// Sets `CacheWarm`: whether the scorers have a published batch generation to answer from
+/// (see [`condition::CACHE_WARM`]), for a resource with `spec.batch` or without
+/// (`batch_configured`).
+pub fn set_cache_warm(
+    status: &mut InferenceDeploymentStatus,
+    generation: Option<i64>,
+    batch_configured: bool,
+    now: &Time,
+) {
+    let (ok, reason, message) = cache_warm(status, batch_configured, now);
+    set_condition(
+        &mut status.conditions,
+        generation,
+        now,
+        condition::CACHE_WARM,
+        ok,
+        reason,
+        message,
+    );
+}
+
+/// `CacheWarm`'s status, reason and message.
+fn cache_warm(
+    status: &InferenceDeploymentStatus,
+    batch_configured: bool,
+    now: &Time,
+) -> (bool, &'static str, String) {
+    if !batch_configured {
+        return (
+            false,
+            "NoBatch",
+            "no spec.batch: every prediction is computed on request, then cached for realtimeTTL"
+                .into(),
+        );
+    }
+    let Some(serving) = &status.serving_generation else {
+        return (
+            false,
+            "AwaitingFirstBatch",
+            "no batch run has published yet: requests are computed in real time until one does"
+                .into(),
+        );
+    };
+    match &status.serving_expires_at {
+        Some(expiry) if expiry.0 <= now.0 => (
+            false,
+            "BatchExpired",
+            format!(
+                "generation {serving} expired at {} (batchTTL after its run started) and no later run has published: requests are computed in real time",
+                expiry.0
+            ),
+        ),
+        Some(expiry) => (
+            true,
+            "BatchServing",
+            format!("generation {serving} serving until {}", expiry.0),
+        ),
+        // Published by a release that did not record the expiry: the next run will.
+        None => (
+            true,
+            "BatchServing",
+            format!("generation {serving} serving"),
+        ),
+    }
+}
+
+/// How long until `CacheWarm` turns False by itself (the serving generation expiring), so
+/// the resource is looked at again then; `None` when nothing is due. (kube-runtime clamps a
+/// wait past its timer's horizon, about two years, so a batchTTL of decades is safe.)
+pub fn cache_warm_changes_in(status: &InferenceDeploymentStatus, now: &Time) -> Option<Duration> {
+    let warm = condition_status(Some(status), condition::CACHE_WARM) == Some("True");
+    let expiry = status.serving_expires_at.as_ref()?;
+    let left = now.0.duration_until(expiry.0);
+    // A second past the expiry, so the reconcile then finds it passed.
+    (warm && left.is_positive()).then(|| left.unsigned_abs() + Duration::from_secs(1))
 }
 
 /// Where the scorer Deployment's rollout stands.
@@ -246,4 +326,112 @@ pub fn condition_status<'a>(
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| c.status.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> Time {
+        Time(text.parse().expect("timestamp"))
+    }
+
+    fn warm(status: &InferenceDeploymentStatus) -> (String, String, String) {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::CACHE_WARM)
+            .expect("CacheWarm is set");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn cache_warm_follows_the_serving_generation_until_it_expires() {
+        let noon = at("2026-12-02T12:00:00Z");
+        let mut status = InferenceDeploymentStatus::default();
+
+        set_cache_warm(&mut status, Some(1), false, &noon);
+        assert_eq!(warm(&status).1, "NoBatch");
+        set_cache_warm(&mut status, Some(1), true, &noon);
+        assert_eq!(
+            (warm(&status).0.as_str(), warm(&status).1.as_str()),
+            ("False", "AwaitingFirstBatch")
+        );
+        assert_eq!(cache_warm_changes_in(&status, &noon), None);
+
+        status.serving_generation = Some("churn-batch-1".into());
+        status.serving_expires_at = Some(at("2026-12-03T02:00:00Z"));
+        set_cache_warm(&mut status, Some(1), true, &noon);
+        let (ok, reason, message) = warm(&status);
+        assert_eq!((ok.as_str(), reason.as_str()), ("True", "BatchServing"));
+        assert!(message.contains("churn-batch-1"), "{message}");
+        assert!(message.contains("2026-12-03T02:00:00Z"), "{message}");
+        assert_eq!(
+            cache_warm_changes_in(&status, &noon),
+            Some(Duration::from_secs(14 * 3600 + 1)),
+            "looked at again a second after the expiry"
+        );
+
+        let later = at("2026-12-03T02:00:00Z");
+        set_cache_warm(&mut status, Some(1), true, &later);
+        let (ok, reason, _) = warm(&status);
+        assert_eq!((ok.as_str(), reason.as_str()), ("False", "BatchExpired"));
+        assert_eq!(cache_warm_changes_in(&status, &later), None, "nothing due");
+    }
+
+    #[test]
+    fn a_generation_published_without_an_expiry_counts_as_serving() {
+        let now = at("2026-12-02T12:00:00Z");
+        let mut status = InferenceDeploymentStatus {
+            serving_generation: Some("g".into()),
+            ..InferenceDeploymentStatus::default()
+        };
+        set_cache_warm(&mut status, Some(1), true, &now);
+        assert_eq!(warm(&status).1, "BatchServing");
+        assert_eq!(cache_warm_changes_in(&status, &now), None);
+    }
+
+    #[test]
+    fn publishing_records_the_generation_and_its_expiry() {
+        let now = at("2026-12-02T12:00:00Z");
+        let batch = BatchUpdate {
+            run: millrace_crds::status::BatchRunStatus {
+                generation: "g2".into(),
+                succeeded: true,
+                ..Default::default()
+            },
+            published: Some("g2".into()),
+            expires_at: Some(at("2026-12-03T12:00:00Z")),
+            reason: "Published".into(),
+            message: String::new(),
+        };
+        let status = desired_status(
+            Some(1),
+            None,
+            &Outcome::ApplyFailed("x"),
+            None,
+            Some(&batch),
+            None,
+            &now,
+        );
+        assert_eq!(status.serving_generation.as_deref(), Some("g2"));
+        assert_eq!(status.serving_expires_at, Some(at("2026-12-03T12:00:00Z")));
+
+        // A run that did not publish leaves the serving generation and its expiry alone.
+        let failed = BatchUpdate {
+            published: None,
+            expires_at: None,
+            ..batch
+        };
+        let after = desired_status(
+            Some(1),
+            Some(&status),
+            &Outcome::ApplyFailed("x"),
+            None,
+            Some(&failed),
+            None,
+            &now,
+        );
+        assert_eq!(after.serving_expires_at, status.serving_expires_at);
+    }
 }

@@ -70,6 +70,16 @@ async fn a_run_whose_shards_all_confirmed_is_published() {
         let _operator = OperatorProcess::start(&ns, "solo");
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
         let resource = ready_resource(&api, &server, 2).await;
+        let before = wait_named(&api, "churn", "CacheWarm", |r: &InferenceDeployment| {
+            condition(r, "CacheWarm").is_some()
+        })
+        .await
+        .expect("CacheWarm is reported");
+        assert_eq!(
+            condition(&before, "CacheWarm"),
+            Some(("False".into(), "AwaitingFirstBatch".into())),
+            "nothing published yet"
+        );
 
         let keyspace = Keyspace::new(&format!("{ns}/churn"), "3");
         let generation = manual_job_name(&resource, "run-1");
@@ -128,8 +138,83 @@ async fn a_run_whose_shards_all_confirmed_is_published() {
             condition(&published, "BatchSucceeded"),
             Some(("True".into(), "Published".into()))
         );
+        assert_eq!(
+            condition(&published, "CacheWarm"),
+            Some(("True".into(), "BatchServing".into()))
+        );
+        let started = last
+            .start_time
+            .expect("the Job controller records the start");
+        assert_eq!(
+            status.serving_expires_at.map(|t| t.0),
+            Some(
+                started
+                    .0
+                    .checked_add(std::time::Duration::from_secs(24 * 3600))
+                    .expect("in range")
+            ),
+            "the example's batchTTL (24h) after the run started"
+        );
         let pointer: String = r.get(keyspace.serving_pointer()).await.expect("get");
         assert_eq!(pointer, generation, "scorers now read the new generation");
+    })
+    .await;
+}
+
+/// The serving generation outlives its batchTTL with no later run published: `CacheWarm`
+/// turns False at the expiry by itself, nothing else changing. batchTTL is at least a
+/// minute, so the test gives the status a generation that expires in seconds, as a run
+/// published a day ago would have.
+#[tokio::test]
+async fn cache_warm_turns_false_when_the_serving_generation_expires() {
+    with_temp_ns("cache-expiry", |client, ns| async move {
+        install_crd(&client).await.expect("CRD");
+        let server = RedisServer::start();
+        let _operator = OperatorProcess::start(&ns, "solo");
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &ns);
+        ready_resource(&api, &server, 1).await;
+
+        let expiry = jiff::Timestamp::now()
+            .checked_add(std::time::Duration::from_secs(10))
+            .expect("in range");
+        let seeded = json!({"status": {
+            "servingGeneration": "churn-batch-yesterday",
+            "servingExpiresAt": expiry.to_string(),
+        }});
+        api.patch_status("churn", &PatchParams::default(), &Patch::Merge(&seeded))
+            .await
+            .expect("status");
+        wait_named(
+            &api,
+            "churn",
+            "CacheWarm=True",
+            |r: &InferenceDeployment| {
+                condition(r, "CacheWarm") == Some(("True".into(), "BatchServing".into()))
+            },
+        )
+        .await
+        .expect("a live generation: warm");
+        let expired = wait_named(
+            &api,
+            "churn",
+            "CacheWarm=False",
+            |r: &InferenceDeployment| {
+                condition(r, "CacheWarm") == Some(("False".into(), "BatchExpired".into()))
+            },
+        )
+        .await
+        .expect("the operator looks again at the expiry");
+        assert!(
+            jiff::Timestamp::now() >= expiry,
+            "not before the generation expired"
+        );
+        let message = expired
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "CacheWarm"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains("churn-batch-yesterday"), "{message}");
     })
     .await;
 }

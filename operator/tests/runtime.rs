@@ -258,11 +258,20 @@ async fn kubectl_get_shows_the_printer_columns() {
             .collect();
         assert_eq!(
             columns,
-            ["Name", "Ready", "Replicas", "Hit rate", "Last batch", "Age"]
+            [
+                "Name",
+                "Ready",
+                "Replicas",
+                "Hit rate",
+                "Cache warm",
+                "Last batch",
+                "Age"
+            ]
         );
         let cells = &table["rows"][0]["cells"];
         assert_eq!(cells[1], "True");
         assert_eq!(cells[2], 1);
+        assert_eq!(cells[4], "False", "no batch published yet");
     })
     .await;
 }

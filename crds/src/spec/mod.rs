@@ -60,6 +60,11 @@ use crate::status::InferenceDeploymentStatus;
         json_path = ".status.autoscaling.hitRate"
     ),
     printcolumn(
+        name = "Cache warm",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="CacheWarm")].status"#
+    ),
+    printcolumn(
         name = "Last batch",
         type_ = "date",
         json_path = ".status.lastBatch.completionTime"
