@@ -46,6 +46,11 @@ pub struct InferenceDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_expires_at: Option<Time>,
 
+    /// The model version the serving generation was scored with. Keys are per version, so
+    /// a new `spec.model.version` has no serving generation until a run publishes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_model_version: Option<String>,
+
     /// The most recent batch run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_batch: Option<BatchRunStatus>,

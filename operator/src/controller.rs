@@ -33,7 +33,7 @@ use crate::build::{BuildOptions, build};
 use crate::claims::prefix_holder;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::publish::{BatchUpdate, JobOutcome, expires_at, next_to_record, run_status};
+use crate::publish::{BatchUpdate, JobOutcome, Published, expires_at, next_to_record, run_status};
 use crate::redis_store::RedisStore;
 use crate::scaler::Autoscaler;
 use crate::status::{
@@ -468,7 +468,6 @@ async fn record_batch(
         JobOutcome::Failed { reason, message } => BatchUpdate {
             run: run_status(job, false, None),
             published: None,
-            expires_at: None,
             message: format!(
                 "batch run {generation} failed ({reason}: {message}); the previous generation keeps serving"
             ),
@@ -504,8 +503,11 @@ async fn record_batch(
                         .and_then(|ttl| expires_at(&run, ttl, &Time(jiff::Timestamp::now())));
                 BatchUpdate {
                     run,
-                    published: Some(generation.clone()),
-                    expires_at,
+                    published: Some(Published {
+                        generation: generation.clone(),
+                        model_version: resource.spec.model.version.clone(),
+                        expires_at,
+                    }),
                     reason: "Published".into(),
                     message: format!(
                         "generation {generation} published: {} predictions from {shards} shards",
@@ -516,7 +518,6 @@ async fn record_batch(
                 BatchUpdate {
                     run: run_status(job, false, Some(&report)),
                     published: None,
-                    expires_at: None,
                     reason: "ShardsUnconfirmed".into(),
                     message: format!(
                         "Job {generation} completed but only {} of {shards} shards recorded completion in Redis; not published, the previous generation keeps serving",
@@ -757,6 +758,7 @@ async fn update_status(
         &mut status,
         resource.metadata.generation,
         resource.spec.batch.is_some(),
+        &resource.spec.model.version,
         &now,
     );
     if resource.status.as_ref() == Some(&status) {

@@ -31,14 +31,23 @@ pub enum JobOutcome {
 pub struct BatchUpdate {
     /// The run, as `status.lastBatch`.
     pub run: BatchRunStatus,
-    /// The generation now serving, when this run was published.
-    pub published: Option<String>,
-    /// When the published generation starts to expire ([`expires_at`]).
-    pub expires_at: Option<Time>,
+    /// What now serves, when this run was published.
+    pub published: Option<Published>,
     /// Why BatchSucceeded is what it is.
     pub reason: String,
     /// Details for humans.
     pub message: String,
+}
+
+/// A generation published, as the status records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// The generation (the run's Job name).
+    pub generation: String,
+    /// The model version it was scored with: its keys are that version's.
+    pub model_version: String,
+    /// When its predictions start to expire ([`expires_at`]).
+    pub expires_at: Option<Time>,
 }
 
 /// The outcome of a Job, if it has finished.

@@ -57,9 +57,10 @@ pub fn desired_status(
     };
     if let Some(batch) = batch {
         status.last_batch = Some(batch.run.clone());
-        if let Some(generation) = &batch.published {
-            status.serving_generation = Some(generation.clone());
-            status.serving_expires_at = batch.expires_at.clone();
+        if let Some(published) = &batch.published {
+            status.serving_generation = Some(published.generation.clone());
+            status.serving_expires_at = published.expires_at.clone();
+            status.serving_model_version = Some(published.model_version.clone());
         }
         set(
             &mut status,
@@ -151,14 +152,15 @@ pub fn desired_status(
 
 /// Sets `CacheWarm`: whether the scorers have a published batch generation to answer from
 /// (see [`condition::CACHE_WARM`]), for a resource with `spec.batch` or without
-/// (`batch_configured`).
+/// (`batch_configured`) whose scorers run `model_version`.
 pub fn set_cache_warm(
     status: &mut InferenceDeploymentStatus,
     generation: Option<i64>,
     batch_configured: bool,
+    model_version: &str,
     now: &Time,
 ) {
-    let (ok, reason, message) = cache_warm(status, batch_configured, now);
+    let (ok, reason, message) = cache_warm(status, batch_configured, model_version, now);
     set_condition(
         &mut status.conditions,
         generation,
@@ -174,6 +176,7 @@ pub fn set_cache_warm(
 fn cache_warm(
     status: &InferenceDeploymentStatus,
     batch_configured: bool,
+    model_version: &str,
     now: &Time,
 ) -> (bool, &'static str, String) {
     if !batch_configured {
@@ -192,6 +195,19 @@ fn cache_warm(
                 .into(),
         );
     };
+    // Keys are per model version: scorers of another version do not read this generation
+    // (they would again if the spec went back to its version, while it lives).
+    if let Some(scored) = status.serving_model_version.as_deref()
+        && scored != model_version
+    {
+        return (
+            false,
+            "AwaitingFirstBatch",
+            format!(
+                "model version {model_version} has no published generation yet ({serving} was scored with version {scored}): requests are computed in real time until a run publishes one"
+            ),
+        );
+    }
     match &status.serving_expires_at {
         Some(expiry) if expiry.0 <= now.0 => (
             false,
@@ -350,9 +366,9 @@ mod tests {
         let noon = at("2026-12-02T12:00:00Z");
         let mut status = InferenceDeploymentStatus::default();
 
-        set_cache_warm(&mut status, Some(1), false, &noon);
+        set_cache_warm(&mut status, Some(1), false, "3", &noon);
         assert_eq!(warm(&status).1, "NoBatch");
-        set_cache_warm(&mut status, Some(1), true, &noon);
+        set_cache_warm(&mut status, Some(1), true, "3", &noon);
         assert_eq!(
             (warm(&status).0.as_str(), warm(&status).1.as_str()),
             ("False", "AwaitingFirstBatch")
@@ -361,7 +377,8 @@ mod tests {
 
         status.serving_generation = Some("churn-batch-1".into());
         status.serving_expires_at = Some(at("2026-12-03T02:00:00Z"));
-        set_cache_warm(&mut status, Some(1), true, &noon);
+        status.serving_model_version = Some("3".into());
+        set_cache_warm(&mut status, Some(1), true, "3", &noon);
         let (ok, reason, message) = warm(&status);
         assert_eq!((ok.as_str(), reason.as_str()), ("True", "BatchServing"));
         assert!(message.contains("churn-batch-1"), "{message}");
@@ -373,10 +390,32 @@ mod tests {
         );
 
         let later = at("2026-12-03T02:00:00Z");
-        set_cache_warm(&mut status, Some(1), true, &later);
+        set_cache_warm(&mut status, Some(1), true, "3", &later);
         let (ok, reason, _) = warm(&status);
         assert_eq!((ok.as_str(), reason.as_str()), ("False", "BatchExpired"));
         assert_eq!(cache_warm_changes_in(&status, &later), None, "nothing due");
+    }
+
+    #[test]
+    fn a_generation_of_another_model_version_does_not_warm_this_one() {
+        let now = at("2026-12-02T12:00:00Z");
+        let mut status = InferenceDeploymentStatus {
+            serving_generation: Some("g".into()),
+            serving_expires_at: Some(at("2026-12-03T02:00:00Z")),
+            serving_model_version: Some("3".into()),
+            ..InferenceDeploymentStatus::default()
+        };
+        set_cache_warm(&mut status, Some(2), true, "4", &now);
+        let (ok, reason, message) = warm(&status);
+        assert_eq!(
+            (ok.as_str(), reason.as_str()),
+            ("False", "AwaitingFirstBatch")
+        );
+        assert!(message.contains("model version 4"), "{message}");
+        assert_eq!(cache_warm_changes_in(&status, &now), None, "nothing due");
+        // Back to version 3: its generation is still published under its keys.
+        set_cache_warm(&mut status, Some(3), true, "3", &now);
+        assert_eq!(warm(&status).1, "BatchServing");
     }
 
     #[test]
@@ -386,7 +425,7 @@ mod tests {
             serving_generation: Some("g".into()),
             ..InferenceDeploymentStatus::default()
         };
-        set_cache_warm(&mut status, Some(1), true, &now);
+        set_cache_warm(&mut status, Some(1), true, "3", &now);
         assert_eq!(warm(&status).1, "BatchServing");
         assert_eq!(cache_warm_changes_in(&status, &now), None);
     }
@@ -400,8 +439,11 @@ mod tests {
                 succeeded: true,
                 ..Default::default()
             },
-            published: Some("g2".into()),
-            expires_at: Some(at("2026-12-03T12:00:00Z")),
+            published: Some(crate::publish::Published {
+                generation: "g2".into(),
+                model_version: "3".into(),
+                expires_at: Some(at("2026-12-03T12:00:00Z")),
+            }),
             reason: "Published".into(),
             message: String::new(),
         };
@@ -416,11 +458,11 @@ mod tests {
         );
         assert_eq!(status.serving_generation.as_deref(), Some("g2"));
         assert_eq!(status.serving_expires_at, Some(at("2026-12-03T12:00:00Z")));
+        assert_eq!(status.serving_model_version.as_deref(), Some("3"));
 
         // A run that did not publish leaves the serving generation and its expiry alone.
         let failed = BatchUpdate {
             published: None,
-            expires_at: None,
             ..batch
         };
         let after = desired_status(
@@ -432,6 +474,9 @@ mod tests {
             None,
             &now,
         );
-        assert_eq!(after.serving_expires_at, status.serving_expires_at);
+        assert_eq!(
+            (&after.serving_generation, &after.serving_expires_at),
+            (&status.serving_generation, &status.serving_expires_at)
+        );
     }
 }

@@ -155,8 +155,29 @@ async fn a_run_whose_shards_all_confirmed_is_published() {
             ),
             "the example's batchTTL (24h) after the run started"
         );
+        assert_eq!(status.serving_model_version.as_deref(), Some("3"));
         let pointer: String = r.get(keyspace.serving_pointer()).await.expect("get");
         assert_eq!(pointer, generation, "scorers now read the new generation");
+
+        // A new model version reads its own keys, where nothing is published yet.
+        let bump = json!({"spec": {"model": {"version": "4"}}});
+        api.patch("churn", &PatchParams::default(), &Patch::Merge(&bump))
+            .await
+            .expect("new model version");
+        let bumped = wait_named(&api, "churn", "CacheWarm to go False", |r| {
+            condition(r, "CacheWarm").is_some_and(|(ok, _)| ok == "False")
+        })
+        .await
+        .expect("the new version has no generation to answer from");
+        assert_eq!(
+            condition(&bumped, "CacheWarm"),
+            Some(("False".into(), "AwaitingFirstBatch".into()))
+        );
+        assert_eq!(
+            bumped.status.and_then(|s| s.serving_generation),
+            Some(generation.clone()),
+            "the old version's generation stays recorded"
+        );
     })
     .await;
 }
